@@ -1,0 +1,1 @@
+"""jaxtrain: a functional JAX training stack."""
