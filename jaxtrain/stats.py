@@ -229,7 +229,8 @@ def paired_comparison(
     b_S = _as_finite_float(b, "b")
     if a_S.ndim != 1 or a_S.shape != b_S.shape:
         raise ValueError(
-            f"a and b must be 1-D with one value per seed, same length; got {a_S.shape}, {b_S.shape}"
+            "a and b must be 1-D with one value per seed, same length; "
+            f"got {a_S.shape}, {b_S.shape}"
         )
     if a_S.size == 0:
         raise ValueError("a and b are empty; need at least one paired seed")
