@@ -1,0 +1,233 @@
+"""Data sources (host arrays) and pure transforms (split, order, batch, augment).
+
+A split is ``{"image": float32[N, H, W, C] in [0, 1], "label": int32[N]}``.
+Standardization lives in the model (``models.Standardize``) with statistics
+computed here on the train split only, so every image the library passes
+around stays in [0, 1] (what the robustness suite perturbs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Split = dict[str, np.ndarray]
+
+# Fixed key for the held-out splits: they must not move with the run's seed.
+_SPLIT_SEED = 0
+TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded as asked (message is one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Train / val / test splits plus what models need to know about them."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    mean: tuple[float, ...]  # per channel, train split only
+    std: tuple[float, ...]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train["image"].shape[1:])  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def load_digits() -> tuple[Split, Split]:
+    """scikit-learn's bundled 8x8 digits (1797 images), 20% held out as test."""
+    from sklearn.datasets import load_digits as _load
+
+    bunch = _load()
+    images = (bunch.images.astype(np.float32) / 16.0)[..., None]
+    labels = bunch.target.astype(np.int32)
+    return _holdout({"image": images, "label": labels}, 0.2)
+
+
+def load_synthetic(
+    num_examples: int = 4096,
+    image_shape: tuple[int, int, int] = (28, 28, 1),
+    num_classes: int = 10,
+    seed: int = 0,
+) -> tuple[Split, Split]:
+    """Learnable synthetic images: per-class smooth prototypes plus noise, in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    h, w, c = image_shape
+    coarse = rng.uniform(0, 1, (num_classes, max(h // 4, 1), max(w // 4, 1), c))
+    protos = np.stack(
+        [np.kron(p, np.ones((4, 4, 1)))[:h, :w] for p in coarse]
+    )  # [K, h', w', C] -> padded below when h, w are not multiples of 4
+    protos = np.pad(protos, ((0, 0), (0, h - protos.shape[1]), (0, w - protos.shape[2]), (0, 0)))
+    labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
+    noise = rng.normal(0, 0.25, (num_examples, h, w, c))
+    images = np.clip(protos[labels] + noise, 0, 1).astype(np.float32)
+    return _holdout({"image": images, "label": labels}, 0.2)
+
+
+def load_tfds(name: str, data_dir: str | None = None) -> tuple[Split, Split]:
+    """A TFDS dataset's train and test splits via ``tfds.data_source`` (no TensorFlow).
+
+    Never downloads: a dataset that is not prepared under ``data_dir`` raises
+    ``DataError`` saying how to provide it.
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # the GPU image has no TFDS
+        raise DataError(
+            f"dataset {name!r} needs tensorflow-datasets: pip install tensorflow-datasets"
+        ) from e
+    try:
+        sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
+    except Exception as e:  # TFDS raises several types for "not prepared"
+        where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
+        raise DataError(
+            f"dataset {name!r} is not prepared in {where} and this machine cannot download it; "
+            f"run `tfds build {name}` on a machine with network and pass its folder with "
+            f"--data-dir ({type(e).__name__})"
+        ) from None
+    return tuple(_records_to_split(src) for src in sources)  # type: ignore[return-value]
+
+
+def _records_to_split(source) -> Split:
+    n = len(source)
+    records = source.__getitems__(list(range(n))) if n else []
+    images = np.stack([np.asarray(r["image"]) for r in records])
+    if images.ndim == 3:
+        images = images[..., None]
+    labels = np.asarray([r["label"] for r in records], np.int32)
+    return {"image": (images.astype(np.float32) / 255.0), "label": labels}
+
+
+def load_dataset(
+    name: str,
+    *,
+    val_fraction: float = 0.1,
+    data_dir: str | None = None,
+    synthetic_size: int = 4096,
+    synthetic_shape: tuple[int, int, int] = (28, 28, 1),
+    synthetic_classes: int = 10,
+) -> Dataset:
+    """Loads ``name`` (``digits``, ``synthetic`` or a TFDS name) into a ``Dataset``."""
+    if name == "digits":
+        train, test = load_digits()
+        num_classes = 10
+    elif name == "synthetic":
+        train, test = load_synthetic(synthetic_size, tuple(synthetic_shape), synthetic_classes)
+        num_classes = synthetic_classes
+    else:
+        train, test = load_tfds(name, data_dir)
+        num_classes = int(max(train["label"].max(), test["label"].max())) + 1
+    train, val = _holdout(train, val_fraction)
+    mean, std = channel_stats(train["image"])
+    return Dataset(name, train, val, test, num_classes, mean, std)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def _holdout(split: Split, fraction: float) -> tuple[Split, Split]:
+    """Deterministic (seed-independent) split into ``1 - fraction`` and ``fraction``."""
+    n = len(split["label"])
+    n_out = int(round(n * fraction))
+    perm = np.random.default_rng(_SPLIT_SEED).permutation(n)
+    keep, out = np.sort(perm[n_out:]), np.sort(perm[:n_out])
+    return take(split, keep), take(split, out)
+
+
+def take(split: Split, idx: np.ndarray) -> Split:
+    """Rows ``idx`` of every array in ``split``."""
+    return {k: v[idx] for k, v in split.items()}
+
+
+def channel_stats(images_NHWC: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std ``[C]`` (std floored at 1e-3 for constant channels)."""
+    mean = images_NHWC.mean(axis=(0, 1, 2), dtype=np.float64)
+    std = np.maximum(images_NHWC.std(axis=(0, 1, 2), dtype=np.float64), 1e-3)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+@functools.lru_cache(maxsize=8)  # called every step; one permutation per epoch
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The permutation ``int32[n]`` of training examples for ``epoch``: a function of (seed, epoch).
+
+    Read-only (cached): copy before modifying."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0x0DA7A), epoch)
+    order = np.asarray(jax.random.permutation(key, n)).astype(np.int32)
+    order.setflags(write=False)
+    return order
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Full training batches per epoch (the remainder reshuffles into the next epoch's order)."""
+    return n // batch_size
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
+    """Example indices ``int32[B]`` of global training step ``step``: a pure function."""
+    per_epoch = steps_per_epoch(n, batch_size)
+    epoch, i = divmod(step, per_epoch)
+    return epoch_order(seed, epoch, n)[i * batch_size : (i + 1) * batch_size]
+
+
+def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of ``batch_size`` covering every example once; the last one is
+    padded (repeating example 0) with ``mask`` 0 on the padding."""
+    n = len(split["label"])
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        mask = np.ones(batch_size, np.float32)
+        if len(idx) < batch_size:
+            mask[len(idx) :] = 0
+            idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
+        yield {**take(split, idx), "mask": mask}
+
+
+def num_eval_batches(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def random_crop(key: jax.Array, images_BHWC: jnp.ndarray, padding: int) -> jnp.ndarray:
+    """Pads each image by ``padding`` zeros and crops back at a keyed random offset."""
+    b, h, w, c = images_BHWC.shape
+    padded = jnp.pad(images_BHWC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    offsets = jax.random.randint(key, (b, 2), 0, 2 * padding + 1)
+
+    def crop(img, off):
+        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
+
+    return jax.vmap(crop)(padded, offsets)
+
+
+def random_flip(key: jax.Array, images_BHWC: jnp.ndarray) -> jnp.ndarray:
+    """Flips each image left-right with probability 1/2."""
+    flip = jax.random.bernoulli(key, 0.5, (images_BHWC.shape[0], 1, 1, 1))
+    return jnp.where(flip, images_BHWC[:, :, ::-1], images_BHWC)
+
+
+def augment(
+    key: jax.Array, images_BHWC: jnp.ndarray, *, crop_padding: int = 0, flip: bool = False
+) -> jnp.ndarray:
+    """Keyed crop and/or flip; identity when both are off."""
+    k_crop, k_flip = jax.random.split(key)
+    if crop_padding:
+        images_BHWC = random_crop(k_crop, images_BHWC, crop_padding)
+    if flip:
+        images_BHWC = random_flip(k_flip, images_BHWC)
+    return images_BHWC

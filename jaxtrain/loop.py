@@ -1,0 +1,421 @@
+"""``train_and_evaluate``: the one place with I/O, progress and checkpoint cadence.
+
+Reads top to bottom: devices, data, model and state, checkpoint, compiled
+steps, the training loop, final evaluation and summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtrain import data as data_lib
+from jaxtrain.checkpoint import Checkpointer, state_tree
+from jaxtrain.config import ConfigError, TrainConfig
+from jaxtrain.models import create_model
+from jaxtrain.optim import create_optimizer, create_schedule
+from jaxtrain.parallel import Strategy, create_strategy, prefetch
+from jaxtrain.state import TrainState, create_train_state
+from jaxtrain.steps import eval_step, train_step
+from jaxtrain.writers import JsonlWriter, LogWriter, MetricWriter, MultiWriter
+
+# Datasets up to this many bytes per split live on the devices (batches are
+# gathered inside the compiled step); larger ones stream from host memory.
+DEVICE_DATA_BYTES = 1 << 30
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient (policy ``raise``)."""
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup_compilation_cache(path: str) -> None:
+    """Persistent XLA cache so a second run of the same program skips compilation."""
+    if not path:
+        return
+    path = os.path.expanduser(path)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def build_model_and_state(
+    config: TrainConfig, dataset: data_lib.Dataset, total_steps: int
+) -> TrainState:
+    """The initial state (host arrays) for ``config``; a pure function of ``config.seed``."""
+    model = create_model(
+        config.model,
+        dataset.num_classes,
+        mean=dataset.mean,
+        std=dataset.std,
+        dropout=config.dropout,
+        dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32,
+    )
+    schedule = create_schedule(
+        config.schedule, config.lr, total_steps, warmup_steps=config.warmup_steps
+    )
+    tx = create_optimizer(
+        config.optimizer,
+        schedule,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm or None,
+    )
+    sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+    init = jax.jit(
+        functools.partial(create_train_state, model, tx, sample_images=sample, lr_fn=schedule)
+    )
+    state = init(init_key(config.seed))
+    return jax.tree.map(np.asarray, state)
+
+
+def init_key(seed: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 0x1417)
+
+
+def step_key(seed: int) -> jax.Array:
+    """Base key of per-step randomness (dropout, augmentation), folded with the step."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 0x57E9)
+
+
+def make_update(
+    config: TrainConfig, *, resident: bool
+) -> Callable[..., tuple[TrainState, dict[str, jnp.ndarray]]]:
+    """The function compiled for one training step (before parallel compilation).
+
+    ``resident``: ``update(state, data, idx_B, key)`` gathers the batch from
+    device-resident ``data``; otherwise ``update(state, batch, key)``.
+    """
+    step_fn = functools.partial(
+        train_step, label_smoothing=config.label_smoothing, skip_nonfinite=True
+    )
+
+    def run(state, batch, key, axis_name):
+        rng = jax.random.fold_in(key, state.step)
+        aug_key, drop_key = jax.random.split(rng)
+        if config.crop_padding or config.flip:
+            if axis_name is not None:
+                aug_key = jax.random.fold_in(aug_key, jax.lax.axis_index(axis_name))
+            image = data_lib.augment(
+                aug_key, batch["image"], crop_padding=config.crop_padding, flip=config.flip
+            )
+            batch = {**batch, "image": image}
+        return step_fn(state, batch, drop_key, axis_name=axis_name)
+
+    if resident:
+
+        def update(state, data, idx, key, *, axis_name=None):
+            batch = {k: jnp.take(v, idx, axis=0) for k, v in data.items()}
+            return run(state, batch, key, axis_name)
+
+    else:
+
+        def update(state, batch, key, *, axis_name=None):
+            return run(state, batch, key, axis_name)
+
+    return update
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    strategy: Strategy, eval_fn: Callable, state: Any, split: data_lib.Split, batch_size: int
+) -> dict[str, float]:
+    """Loss and accuracy over every example of ``split`` exactly once (padded + masked)."""
+    pid, nproc = jax.process_index(), jax.process_count()
+    sums = None
+    for batch in data_lib.eval_batches(split, batch_size):
+        local = {k: np.array_split(v, nproc)[pid] for k, v in batch.items()}
+        out = eval_fn(state, strategy.shard(local))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    sums = strategy.unreplicate(sums)
+    count = float(sums["count"])
+    return {"loss": float(sums["loss_sum"]) / count, "accuracy": float(sums["correct"]) / count}
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain log lines otherwise (or nothing)."""
+
+    def __init__(self, mode: str, total: int, initial: int, enabled: bool):
+        if mode == "auto":
+            mode = "bar" if sys.stdout.isatty() else "log"
+        self.mode = mode if enabled else "none"
+        self._bar = None
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self._log = LogWriter() if self.mode == "log" else None
+
+    def update(self, step: int, n: int, split: str, metrics: dict[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+        elif self._log is not None:
+            self._log.write(step, split, metrics)
+
+    def note(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        elif self._log is not None:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _device_info(strategy: Strategy) -> dict[str, Any]:
+    return {
+        "strategy": strategy.kind,
+        "num_devices": strategy.num_devices,
+        "device_kind": strategy.devices[0].device_kind,
+        "platform": strategy.devices[0].platform,
+        "num_processes": jax.process_count(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("jaxtrain", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    """Raises ``ConfigError`` naming the first field where a checkpoint's config differs."""
+    current = config.to_dict()
+    for name, value in current.items():
+        if name in TrainConfig.RUNTIME_FIELDS:
+            continue
+        old = saved.get(name, value)
+        if isinstance(value, tuple):
+            old = tuple(old) if isinstance(old, list) else old
+        if old != value:
+            raise ConfigError(
+                f"workdir holds checkpoints of a different run: --{name.replace('_', '-')} "
+                f"was {old!r}, now {value!r} (use another --workdir or --resume never)"
+            )
+
+
+def train_and_evaluate(
+    config: TrainConfig, workdir: str | None = None, *, writer: MetricWriter | None = None
+) -> dict[str, Any]:
+    """Trains, evaluates and writes ``config.json``, ``metrics.jsonl``, ``summary.json``
+    and checkpoints under ``workdir`` (default ``config.workdir``). Returns the summary."""
+    t_start = time.perf_counter()
+    config = config.validate()
+    workdir = os.path.abspath(workdir or config.workdir)
+    config = config.replace(workdir=workdir)
+    is_main = jax.process_index() == 0
+
+    # --- devices ---------------------------------------------------------------------
+    strategy = create_strategy(config.parallel, config.devices)
+    strategy.check_batch_size(config.batch_size)
+    eval_batch = -(-config.eval_batch_size // strategy.shards) * strategy.shards
+
+    # --- data ------------------------------------------------------------------------
+    dataset = data_lib.load_dataset(
+        config.dataset,
+        val_fraction=config.val_fraction,
+        data_dir=config.data_dir,
+        synthetic_size=config.synthetic_size,
+        synthetic_shape=tuple(config.synthetic_shape),
+        synthetic_classes=config.synthetic_classes,
+    )
+    n_train = len(dataset.train["label"])
+    if n_train < config.batch_size:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is larger than the {n_train} training examples"
+        )
+    per_epoch = data_lib.steps_per_epoch(n_train, config.batch_size)
+    total_steps = config.epochs * per_epoch
+    resident = config.data_placement == "device" or (
+        config.data_placement == "auto" and dataset.train["image"].nbytes <= DEVICE_DATA_BYTES
+    )
+
+    # --- model, state, checkpoint -----------------------------------------------------
+    host_state = build_model_and_state(config, dataset, total_steps)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+    latest = ckpt.latest_step() if config.resume != "never" else None
+    if config.resume == "must" and latest is None:
+        raise ConfigError(f"--resume must, but {ckpt.directory} holds no checkpoint")
+    start_step = 0
+    if latest is not None:
+        tree, meta = ckpt.restore(latest, target=state_tree(host_state))
+        check_resumable(meta.get("config", {}), config)
+        host_state = host_state.replace(**tree)
+        start_step = int(tree["step"])
+    elif config.resume == "never" and ckpt.all_steps():
+        raise ConfigError(
+            f"--resume never, but {ckpt.directory} already holds checkpoints; use a new --workdir"
+        )
+
+    # --- files -----------------------------------------------------------------------
+    writers: list[MetricWriter] = []
+    if is_main:
+        manifest = {
+            "config": config.to_dict(),
+            "versions": _versions(),
+            "devices": _device_info(strategy),
+            "data": {
+                "name": dataset.name, "num_classes": dataset.num_classes,
+                "image_shape": list(dataset.image_shape), "mean": list(dataset.mean),
+                "std": list(dataset.std), "resident": resident,
+                "sizes": {s: len(getattr(dataset, s)["label"]) for s in ("train", "val", "test")},
+            },
+        }
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
+        writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+    if writer is not None:
+        writers.append(writer)
+    out = MultiWriter(writers)
+
+    # --- compiled steps --------------------------------------------------------------
+    setup_compilation_cache(config.compilation_cache)
+    state = strategy.replicate(host_state)
+    key = strategy.replicate(step_key(config.seed))
+    update = strategy.compile(make_update(config, resident=resident), donate_argnums=(0,))
+    evaluate_fn = strategy.compile(eval_step)
+    pid, nproc = jax.process_index(), jax.process_count()
+    local_rows = slice(pid * config.batch_size // nproc, (pid + 1) * config.batch_size // nproc)
+    if resident:
+        train_data = strategy.replicate(dataset.train)
+
+        def step_inputs(step):
+            idx = data_lib.batch_indices(config.seed, step, n_train, config.batch_size)
+            return strategy.shard(idx[local_rows])
+
+        inputs = prefetch(map(step_inputs, range(start_step, total_steps)), lambda x: x)
+        call = lambda st, x: update(st, train_data, x, key)  # noqa: E731
+    else:
+
+        def host_batch(step):
+            idx = data_lib.batch_indices(config.seed, step, n_train, config.batch_size)
+            return data_lib.take(dataset.train, idx[local_rows])
+
+        inputs = prefetch(map(host_batch, range(start_step, total_steps)), strategy.shard)
+        call = lambda st, x: update(st, x, key)  # noqa: E731
+
+    # --- loop ------------------------------------------------------------------------
+    progress = Progress(config.progress, total_steps, start_step, is_main)
+    eval_every = config.eval_every or per_epoch
+    window: list[dict[str, jax.Array]] = []
+    skipped_in_a_row = 0
+    steady_time, steady_steps, t_first = 0.0, 0, None
+
+    def save(step: int, state) -> None:
+        meta = {"config": config.to_dict(), "step": step, "epoch": step // per_epoch,
+                "index_in_epoch": step % per_epoch}
+        ckpt.save(step, state_tree(strategy.unreplicate(state)), meta)
+
+    def flush_window(step: int) -> None:
+        nonlocal skipped_in_a_row
+        host = [strategy.unreplicate(m) for m in window]
+        window.clear()
+        for i, m in enumerate(host):
+            if m["nonfinite"]:
+                bad = step - len(host) + i
+                if config.on_nonfinite == "raise":
+                    raise NonFiniteError(
+                        f"non-finite loss or gradient at step {bad} (loss={m['loss']}); "
+                        "try a lower --lr, --clip-norm, or --on-nonfinite skip"
+                    )
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= config.max_skipped:
+                    raise NonFiniteError(
+                        f"{skipped_in_a_row} consecutive non-finite steps up to step {bad}; stopping"
+                    )
+            else:
+                skipped_in_a_row = 0
+        finite = [m for m in host if not m["nonfinite"]] or host
+        mean = {k: float(np.mean([m[k] for m in finite])) for k in ("loss", "accuracy", "grad_norm", "lr")}
+        mean["skipped"] = float(sum(int(m["nonfinite"]) for m in host))
+        out.write(step, "train", mean)
+        progress.update(step, len(host), "train", {k: mean[k] for k in ("loss", "accuracy")})
+
+    try:
+        step = start_step
+        t_mark, since_mark = time.perf_counter(), 0
+        for x in inputs:
+            state, metrics = call(state, x)
+            window.append(metrics)
+            step += 1
+            if t_first is None:  # the first step compiles: keep it out of the steady state
+                jax.block_until_ready(state)
+                t_first = t_mark = time.perf_counter()
+            else:
+                since_mark += 1
+            eval_due = step % eval_every == 0 or step == total_steps
+            ckpt_due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+            if eval_due or ckpt_due or step % config.log_every == 0:
+                flush_window(step)  # the one host sync: this step's metrics
+                steady_time += time.perf_counter() - t_mark
+                steady_steps += since_mark
+                if eval_due:
+                    val = evaluate(strategy, evaluate_fn, state, dataset.val, eval_batch)
+                    out.write(step, "val", val)
+                    progress.note(f"step {step} val: loss={val['loss']:.4f} "
+                                  f"accuracy={val['accuracy']:.4f}")
+                if ckpt_due and step != total_steps:
+                    save(step, state)
+                t_mark, since_mark = time.perf_counter(), 0
+        if window:
+            flush_window(step)
+
+        # --- final evaluation and summary -----------------------------------------------
+        if ckpt.latest_step() != step:
+            save(step, state)
+        test = evaluate(strategy, evaluate_fn, state, dataset.test, eval_batch)
+        val = evaluate(strategy, evaluate_fn, state, dataset.val, eval_batch)
+        out.write(step, "test", test)
+        ckpt.wait()
+    finally:
+        progress.close()
+        ckpt.close()
+        out.close()
+
+    summary = {
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "val_accuracy": val["accuracy"],
+        "val_loss": val["loss"],
+        "train_steps_per_sec": steady_steps / steady_time if steady_time else float("nan"),
+        "wall_seconds": time.perf_counter() - t_start,
+        "num_devices": strategy.num_devices,
+        "strategy": strategy.kind,
+        "steps": step,
+        "resumed_from_step": start_step if latest is not None else None,
+        "epochs": config.epochs,
+        "global_batch_size": config.batch_size,
+    }
+    if is_main:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary

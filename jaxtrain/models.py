@@ -1,0 +1,170 @@
+"""Flax models and the registry that picks them by name.
+
+Every model takes images in [0, 1] shaped ``[B, H, W, C]`` and returns logits
+``[B, num_classes]`` in float32. Input standardization (train-split mean/std)
+is the model's first operation, so a trained model is a function of raw
+images: the robustness suite perturbs in [0, 1] and calls the same model.
+
+``axis_name`` names the device axis for BatchNorm statistics under ``pmap``
+(``train_step`` clones the model with it), so BatchNorm always normalizes over
+the global batch. Under ``jit`` over a mesh XLA reduces over the sharded batch
+by itself and ``axis_name`` stays ``None``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with fixed per-channel statistics ``[C]``."""
+
+    mean: Sequence[float] = (0.0,)
+    std: Sequence[float] = (1.0,)
+
+    @nn.compact
+    def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
+        mean = jnp.asarray(self.mean, jnp.float32).reshape((1, 1, 1, -1))
+        std = jnp.asarray(self.std, jnp.float32).reshape((1, 1, 1, -1))
+        return (x_BHWC.astype(jnp.float32) - mean) / std
+
+
+class MLP(nn.Module):
+    """Flatten, ``len(hidden)`` ReLU layers with optional dropout, linear head."""
+
+    num_classes: int
+    hidden: Sequence[int] = (256, 256)
+    dropout: float = 0.0
+    mean: Sequence[float] = (0.0,)
+    std: Sequence[float] = (1.0,)
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None  # unused (no BatchNorm); kept for a uniform interface
+
+    @nn.compact
+    def __call__(self, x_BHWC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = Standardize(self.mean, self.std)(x_BHWC).astype(self.dtype)
+        x = x.reshape((x.shape[0], -1))
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
+            if self.dropout:
+                x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class CNN(nn.Module):
+    """Small LeNet-style CNN: two conv(3x3)+ReLU+maxpool blocks, dense, head."""
+
+    num_classes: int
+    features: Sequence[int] = (32, 64)
+    dense: int = 128
+    dropout: float = 0.0
+    mean: Sequence[float] = (0.0,)
+    std: Sequence[float] = (1.0,)
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x_BHWC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = Standardize(self.mean, self.std)(x_BHWC).astype(self.dtype)
+        for f in self.features:
+            x = nn.relu(nn.Conv(f, (3, 3), dtype=self.dtype)(x))
+            if min(x.shape[1:3]) >= 2:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x))
+        if self.dropout:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class ResidualBlock(nn.Module):
+    """Basic ResNet block (two 3x3 convs), projection shortcut when shapes change."""
+
+    features: int
+    strides: int
+    norm: Callable[..., nn.Module]
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        y = conv(self.features, (3, 3), strides=self.strides)(x)
+        y = nn.relu(self.norm()(y))
+        y = conv(self.features, (3, 3))(y)
+        y = self.norm(scale_init=nn.initializers.zeros)(y)
+        if x.shape != y.shape:
+            x = self.norm()(conv(self.features, (1, 1), strides=self.strides)(x))
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet: 3x3 stem (no max-pool), stages of basic blocks, BatchNorm."""
+
+    num_classes: int
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    width: int = 64
+    dropout: float = 0.0
+    mean: Sequence[float] = (0.0,)
+    std: Sequence[float] = (1.0,)
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x_BHWC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            axis_name=self.axis_name,
+        )
+        x = Standardize(self.mean, self.std)(x_BHWC).astype(self.dtype)
+        x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
+        x = nn.relu(norm()(x))
+        for i, blocks in enumerate(self.stage_sizes):
+            for j in range(blocks):
+                strides = 2 if i > 0 and j == 0 else 1
+                x = ResidualBlock(self.width * 2**i, strides, norm, self.dtype)(x)
+        x = jnp.mean(x, axis=(1, 2))
+        if self.dropout:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "cnn": CNN,
+    "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), width=64),
+    "resnet_tiny": functools.partial(ResNet, stage_sizes=(1, 1), width=8),
+}
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+    dropout: float = 0.0,
+    dtype: Dtype = jnp.float32,
+    **kwargs: Any,
+) -> nn.Module:
+    """Builds registry model ``name``; raises ``ValueError`` naming the valid ones."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](
+        num_classes=num_classes,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        dropout=dropout,
+        dtype=dtype,
+        **kwargs,
+    )

@@ -1,0 +1,135 @@
+"""The pure train and eval steps.
+
+One ``train_step`` serves every strategy: jitted on one device, jitted over a
+mesh, pmapped (pass ``axis_name``) and vmapped over a leading seed axis. Bind
+fixed options with ``functools.partial``; compile where it is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxtrain.state import TrainState
+
+Batch = dict[str, jnp.ndarray]
+Metrics = dict[str, jnp.ndarray]
+
+
+def cross_entropy(
+    logits_BK: jnp.ndarray, labels_B: jnp.ndarray, label_smoothing: float = 0.0
+) -> jnp.ndarray:
+    """Per-example softmax cross-entropy ``[B]`` with optional label smoothing."""
+    num_classes = logits_BK.shape[-1]
+    targets = jax.nn.one_hot(labels_B, num_classes)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits_BK, targets)
+
+
+def _model_for(state: TrainState, axis_name: str | None) -> Any:
+    """The model with BatchNorm reducing over ``axis_name`` (pmap), when it has any."""
+    if axis_name is not None and hasattr(state.model, "axis_name"):
+        return state.model.clone(axis_name=axis_name)
+    return state.model
+
+
+def all_finite(tree: Any) -> jnp.ndarray:
+    """True when every leaf of ``tree`` is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    axis_name: str | None = None,
+    label_smoothing: float = 0.0,
+    loss_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] | None = None,
+    skip_nonfinite: bool = False,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer step on ``batch = {"image": f32[B, H, W, C], "label": i32[B]}``.
+
+    ``rng`` drives dropout; under ``pmap`` (``axis_name`` set) it is folded with
+    the device index so devices differ, and gradients, metrics and BatchNorm
+    statistics are averaged over the axis (so the result equals one device
+    seeing the global batch). ``loss_fn(logits_BK, labels_B) -> [B]`` replaces
+    cross-entropy when given. With ``skip_nonfinite`` a step whose loss or
+    gradient is not finite leaves the state unchanged (``metrics["nonfinite"]``
+    is 1 for it either way). Returns the new state and scalar metrics ``loss``,
+    ``accuracy``, ``grad_norm``, ``lr``, ``nonfinite``.
+    """
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+    model = _model_for(state, axis_name)
+    if loss_fn is None:
+        loss_fn = lambda logits, labels: cross_entropy(logits, labels, label_smoothing)  # noqa: E731
+
+    def objective(params):
+        variables = {"params": params, **state.model_state}
+        logits, new_model_state = model.apply(
+            variables, batch["image"], train=True, rngs={"dropout": rng},
+            mutable=list(state.model_state),
+        )
+        loss = jnp.mean(loss_fn(logits, batch["label"]))
+        return loss, (logits, new_model_state)
+
+    (loss, (logits, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params
+    )
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    if axis_name is not None:
+        grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis_name)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        model_state=new_model_state,
+        opt_state=new_opt_state,
+    )
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = new_state.replace(
+            params=jax.tree.map(keep, new_state.params, state.params),
+            model_state=jax.tree.map(keep, new_state.model_state, state.model_state),
+            opt_state=jax.tree.map(keep, new_state.opt_state, state.opt_state),
+        )
+    lr = state.lr_fn(state.step) if state.lr_fn is not None else jnp.nan
+    metrics = {
+        "loss": loss,
+        "accuracy": accuracy,
+        "grad_norm": grad_norm,
+        "lr": jnp.asarray(lr, jnp.float32),
+        "nonfinite": (~finite).astype(jnp.int32),
+    }
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) -> Metrics:
+    """Sums over one eval batch: ``loss_sum``, ``correct``, ``count``.
+
+    ``batch`` may carry ``mask: f32[B]`` (0 for padding) so a padded last batch
+    counts every real example exactly once. Sums (not means) combine exactly
+    across batches and devices (``psum`` over ``axis_name``).
+    """
+    logits = state.apply(batch["image"], train=False)
+    mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
+    loss = cross_entropy(logits, batch["label"])
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    sums = {
+        "loss_sum": jnp.sum(loss * mask),
+        "correct": jnp.sum(correct * mask),
+        "count": jnp.sum(mask),
+    }
+    if axis_name is not None:
+        sums = lax.psum(sums, axis_name)
+    return sums
