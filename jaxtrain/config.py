@@ -55,6 +55,8 @@ class TrainConfig:
     crop_padding: int = 0
     flip: bool = False
     seed: int = 0
+    num_seeds: int = 1
+    seed_parallel: bool = False
     # loop
     workdir: str = "runs/default"
     eval_every: int = 0
@@ -78,7 +80,7 @@ class TrainConfig:
         {
             "workdir", "resume", "progress", "log_every", "compilation_cache", "parallel",
             "devices", "coordinator_address", "num_processes", "process_id", "data_dir",
-            "checkpoint_every", "keep_checkpoints", "epochs", "data_placement", "eval_batch_size",
+            "checkpoint_every", "keep_checkpoints", "data_placement", "eval_batch_size", "seed_parallel",
         }
     )
 
@@ -87,7 +89,7 @@ class TrainConfig:
         from jaxtrain.models import MODELS
         from jaxtrain.optim import OPTIMIZERS, SCHEDULES
 
-        positive = ("epochs", "batch_size", "eval_batch_size", "synthetic_size", "log_every",
+        positive = ("epochs", "batch_size", "num_seeds", "eval_batch_size", "synthetic_size", "log_every",
                     "synthetic_classes", "max_skipped", "keep_checkpoints")
         non_negative = ("eval_every", "checkpoint_every", "warmup_steps", "crop_padding",
                         "devices", "weight_decay", "clip_norm")

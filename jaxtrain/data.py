@@ -160,7 +160,7 @@ def channel_stats(images_NHWC: np.ndarray) -> tuple[tuple[float, ...], tuple[flo
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-@functools.lru_cache(maxsize=8)  # called every step; one permutation per epoch
+@functools.lru_cache(maxsize=256)  # called every step (per seed); one permutation per epoch
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The permutation ``int32[n]`` of training examples for ``epoch``: a function of (seed, epoch).
 

@@ -25,6 +25,7 @@ from jaxtrain.config import ConfigError, TrainConfig
 from jaxtrain.models import create_model
 from jaxtrain.optim import create_optimizer, create_schedule
 from jaxtrain.parallel import Strategy, create_strategy, prefetch
+from jaxtrain.seeds import SeedPlacement, check_seed_strategy, seed_list, stack, vmap_eval, vmap_update
 from jaxtrain.state import TrainState, create_train_state
 from jaxtrain.steps import eval_step, train_step
 from jaxtrain.writers import JsonlWriter, LogWriter, MetricWriter, MultiWriter
@@ -54,7 +55,10 @@ def setup_compilation_cache(path: str) -> None:
 def build_model_and_state(
     config: TrainConfig, dataset: data_lib.Dataset, total_steps: int
 ) -> TrainState:
-    """The initial state (host arrays) for ``config``; a pure function of ``config.seed``."""
+    """The initial state (host arrays) for ``config``; a pure function of ``config.seed``.
+
+    With ``config.num_seeds > 1`` every leaf gets a leading seed axis ``[S, ...]``
+    (seeds ``seed .. seed + S - 1``, each initialized exactly as its single run)."""
     model = create_model(
         config.model,
         dataset.num_classes,
@@ -77,7 +81,11 @@ def build_model_and_state(
     init = jax.jit(
         functools.partial(create_train_state, model, tx, sample_images=sample, lr_fn=schedule)
     )
-    state = init(init_key(config.seed))
+    if config.num_seeds > 1:
+        keys = jnp.stack([init_key(s) for s in seed_list(config.seed, config.num_seeds)])
+        state = jax.jit(jax.vmap(init))(keys)
+    else:
+        state = init(init_key(config.seed))
     return jax.tree.map(np.asarray, state)
 
 
@@ -132,18 +140,24 @@ def make_update(
 
 
 def evaluate(
-    strategy: Strategy, eval_fn: Callable, state: Any, split: data_lib.Split, batch_size: int
-) -> dict[str, float]:
-    """Loss and accuracy over every example of ``split`` exactly once (padded + masked)."""
+    place: Callable, get: Callable, eval_fn: Callable, state: Any, split: data_lib.Split,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Loss and accuracy over every example of ``split`` exactly once (padded + masked).
+
+    ``place`` puts this process's rows of a batch on devices, ``get`` brings the
+    summed results back. Values are floats, or ``[S]`` arrays for a seed run."""
     pid, nproc = jax.process_index(), jax.process_count()
     sums = None
     for batch in data_lib.eval_batches(split, batch_size):
         local = {k: np.array_split(v, nproc)[pid] for k, v in batch.items()}
-        out = eval_fn(state, strategy.shard(local))
+        out = eval_fn(state, place(local))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = strategy.unreplicate(sums)
-    count = float(sums["count"])
-    return {"loss": float(sums["loss_sum"]) / count, "accuracy": float(sums["correct"]) / count}
+    sums = get(sums)
+    loss, acc = sums["loss_sum"] / sums["count"], sums["correct"] / sums["count"]
+    if np.ndim(loss):
+        return {"loss": np.asarray(loss, np.float64), "accuracy": np.asarray(acc, np.float64)}
+    return {"loss": float(loss), "accuracy": float(acc)}
 
 
 # ----------------------------------------------------------------------------- progress
@@ -206,6 +220,23 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _final_figures(test: dict, val: dict, seeds: list[int]) -> dict[str, Any]:
+    """Summary figures; a seed run adds per-seed lists and their statistics."""
+    figures = {"num_seeds": len(seeds)}
+    for split, m in (("test", test), ("val", val)):
+        for name, value in m.items():
+            key = f"{split}_{name}"
+            if np.ndim(value):
+                from jaxtrain.stats import summarize
+
+                figures[key] = float(np.mean(value))
+                figures[f"{key}_per_seed"] = [float(v) for v in value]
+                figures[f"{key}_stats"] = summarize(value).to_dict()
+            else:
+                figures[key] = float(value)
+    return figures
+
+
 def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     """Raises ``ConfigError`` naming the first field where a checkpoint's config differs."""
     current = config.to_dict()
@@ -236,6 +267,10 @@ def train_and_evaluate(
     # --- devices ---------------------------------------------------------------------
     strategy = create_strategy(config.parallel, config.devices)
     strategy.check_batch_size(config.batch_size)
+    seeds = seed_list(config.seed, config.num_seeds)
+    seeded = len(seeds) > 1
+    if seeded:
+        check_seed_strategy(strategy, len(seeds), config.seed_parallel)
     eval_batch = -(-config.eval_batch_size // strategy.shards) * strategy.shards
 
     # --- data ------------------------------------------------------------------------
@@ -299,29 +334,43 @@ def train_and_evaluate(
 
     # --- compiled steps --------------------------------------------------------------
     setup_compilation_cache(config.compilation_cache)
-    state = strategy.replicate(host_state)
-    key = strategy.replicate(step_key(config.seed))
-    update = strategy.compile(make_update(config, resident=resident), donate_argnums=(0,))
-    evaluate_fn = strategy.compile(eval_step)
+    update_fn = make_update(config, resident=resident)
+    if seeded:
+        placement = SeedPlacement(strategy, config.seed_parallel)
+        put_state, put_batch, put_shared = placement.put_seeds, placement.put_batch, placement.put_shared
+        get = placement.get
+        update = placement.compile(vmap_update(update_fn, resident=resident), donate_argnums=(0,))
+        evaluate_fn = placement.compile(vmap_eval(eval_step))
+        put_eval = put_shared if placement.seed_parallel else strategy.shard
+        key = put_state(stack([step_key(s) for s in seeds]))
+    else:
+        put_state = put_shared = strategy.replicate
+        put_batch = put_eval = strategy.shard
+        get = strategy.unreplicate
+        update = strategy.compile(update_fn, donate_argnums=(0,))
+        evaluate_fn = strategy.compile(eval_step)
+        key = put_state(step_key(config.seed))
+    state = put_state(host_state)
     pid, nproc = jax.process_index(), jax.process_count()
     local_rows = slice(pid * config.batch_size // nproc, (pid + 1) * config.batch_size // nproc)
+
+    def indices(step: int) -> np.ndarray:
+        """This process's batch indices: ``[B_local]``, or ``[S, B_local]`` for seeds."""
+        per_seed = [data_lib.batch_indices(s, step, n_train, config.batch_size) for s in seeds]
+        return np.stack(per_seed)[:, local_rows] if seeded else per_seed[0][local_rows]
+
     if resident:
-        train_data = strategy.replicate(dataset.train)
-
-        def step_inputs(step):
-            idx = data_lib.batch_indices(config.seed, step, n_train, config.batch_size)
-            return strategy.shard(idx[local_rows])
-
-        inputs = prefetch(map(step_inputs, range(start_step, total_steps)), lambda x: x)
+        train_data = put_shared(dataset.train)
+        inputs = prefetch(map(lambda st: put_batch(indices(st)), range(start_step, total_steps)),
+                          lambda x: x)
         call = lambda st, x: update(st, train_data, x, key)  # noqa: E731
     else:
-
         def host_batch(step):
-            idx = data_lib.batch_indices(config.seed, step, n_train, config.batch_size)
-            return data_lib.take(dataset.train, idx[local_rows])
+            return {k: v[indices(step)] for k, v in dataset.train.items()}
 
-        inputs = prefetch(map(host_batch, range(start_step, total_steps)), strategy.shard)
+        inputs = prefetch(map(host_batch, range(start_step, total_steps)), put_batch)
         call = lambda st, x: update(st, x, key)  # noqa: E731
+    run_eval = functools.partial(evaluate, put_eval, get, evaluate_fn)
 
     # --- loop ------------------------------------------------------------------------
     progress = Progress(config.progress, total_steps, start_step, is_main)
@@ -330,17 +379,26 @@ def train_and_evaluate(
     skipped_in_a_row = 0
     steady_time, steady_steps, t_first = 0.0, 0, None
 
+    def write(step: int, split: str, metrics: dict[str, Any]) -> None:
+        """One line per split, or per seed (with a ``seed`` field) for seed runs."""
+        if not seeded:
+            out.write(step, split, {k: float(v) for k, v in metrics.items()})
+            return
+        for i, s in enumerate(seeds):
+            out.write(step, split, {"seed": s, **{k: float(np.broadcast_to(v, (len(seeds),))[i])
+                                                  for k, v in metrics.items()}})
+
     def save(step: int, state) -> None:
         meta = {"config": config.to_dict(), "step": step, "epoch": step // per_epoch,
                 "index_in_epoch": step % per_epoch}
-        ckpt.save(step, state_tree(strategy.unreplicate(state)), meta)
+        ckpt.save(step, state_tree(get(state)), meta)
 
     def flush_window(step: int) -> None:
         nonlocal skipped_in_a_row
-        host = [strategy.unreplicate(m) for m in window]
+        host = [get(m) for m in window]
         window.clear()
         for i, m in enumerate(host):
-            if m["nonfinite"]:
+            if np.any(m["nonfinite"]):
                 bad = step - len(host) + i
                 if config.on_nonfinite == "raise":
                     raise NonFiniteError(
@@ -354,11 +412,13 @@ def train_and_evaluate(
                     )
             else:
                 skipped_in_a_row = 0
-        finite = [m for m in host if not m["nonfinite"]] or host
-        mean = {k: float(np.mean([m[k] for m in finite])) for k in ("loss", "accuracy", "grad_norm", "lr")}
-        mean["skipped"] = float(sum(int(m["nonfinite"]) for m in host))
-        out.write(step, "train", mean)
-        progress.update(step, len(host), "train", {k: mean[k] for k in ("loss", "accuracy")})
+        finite = [m for m in host if not np.any(m["nonfinite"])] or host
+        mean = {k: np.mean([m[k] for m in finite], axis=0)
+                for k in ("loss", "accuracy", "grad_norm", "lr")}
+        mean["skipped"] = float(sum(np.sum(m["nonfinite"]) for m in host))
+        write(step, "train", mean)
+        progress.update(step, len(host), "train",
+                        {k: float(np.mean(mean[k])) for k in ("loss", "accuracy")})
 
     try:
         step = start_step
@@ -379,10 +439,10 @@ def train_and_evaluate(
                 steady_time += time.perf_counter() - t_mark
                 steady_steps += since_mark
                 if eval_due:
-                    val = evaluate(strategy, evaluate_fn, state, dataset.val, eval_batch)
-                    out.write(step, "val", val)
-                    progress.note(f"step {step} val: loss={val['loss']:.4f} "
-                                  f"accuracy={val['accuracy']:.4f}")
+                    val = run_eval(state, dataset.val, eval_batch)
+                    write(step, "val", val)
+                    progress.note(f"step {step} val: loss={np.mean(val['loss']):.4f} "
+                                  f"accuracy={np.mean(val['accuracy']):.4f}")
                 if ckpt_due and step != total_steps:
                     save(step, state)
                 t_mark, since_mark = time.perf_counter(), 0
@@ -392,9 +452,9 @@ def train_and_evaluate(
         # --- final evaluation and summary -----------------------------------------------
         if ckpt.latest_step() != step:
             save(step, state)
-        test = evaluate(strategy, evaluate_fn, state, dataset.test, eval_batch)
-        val = evaluate(strategy, evaluate_fn, state, dataset.val, eval_batch)
-        out.write(step, "test", test)
+        test = run_eval(state, dataset.test, eval_batch)
+        val = run_eval(state, dataset.val, eval_batch)
+        write(step, "test", test)
         ckpt.wait()
     finally:
         progress.close()
@@ -402,10 +462,7 @@ def train_and_evaluate(
         out.close()
 
     summary = {
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "val_accuracy": val["accuracy"],
-        "val_loss": val["loss"],
+        **_final_figures(test, val, seeds),
         "train_steps_per_sec": steady_steps / steady_time if steady_time else float("nan"),
         "wall_seconds": time.perf_counter() - t_start,
         "num_devices": strategy.num_devices,
@@ -415,6 +472,9 @@ def train_and_evaluate(
         "epochs": config.epochs,
         "global_batch_size": config.batch_size,
     }
+    if seeded:
+        summary["seeds"] = seeds
+        summary["seed_parallel"] = bool(config.seed_parallel)
     if is_main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
