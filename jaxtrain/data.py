@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
+import os
 from collections.abc import Iterator
 
 import jax
@@ -78,8 +80,9 @@ def load_synthetic(
     return _holdout({"image": images, "label": labels}, 0.2)
 
 
-def load_tfds(name: str, data_dir: str | None = None) -> tuple[Split, Split]:
-    """A TFDS dataset's train and test splits via ``tfds.data_source`` (no TensorFlow).
+def load_tfds(name: str, data_dir: str | None = None) -> tuple[Split, Split, int]:
+    """A TFDS dataset's train and test splits and its class count via ``tfds.data_source``
+    (array_record files, no TensorFlow).
 
     Never downloads: a dataset that is not prepared under ``data_dir`` raises
     ``DataError`` saying how to provide it.
@@ -90,21 +93,45 @@ def load_tfds(name: str, data_dir: str | None = None) -> tuple[Split, Split]:
         raise DataError(
             f"dataset {name!r} needs tensorflow-datasets: pip install tensorflow-datasets"
         ) from e
+    absl_logger = logging.getLogger("absl")  # TFDS warns about the missing folder on stderr
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
     try:
         sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
-    except Exception as e:  # TFDS raises several types for "not prepared"
+    except Exception as e:  # noqa: BLE001  (TFDS raises several types for "not prepared")
         where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
+        wrong_format = isinstance(e, NotImplementedError) and os.path.isdir(
+            os.path.join(data_dir or "", name)
+        )
+        what = (
+            "is prepared in a format tfds.data_source cannot read (it needs array_record)"
+            if wrong_format
+            else "is not prepared"
+        )
         raise DataError(
-            f"dataset {name!r} is not prepared in {where} and this machine cannot download it; "
-            f"run `tfds build {name}` on a machine with network and pass its folder with "
-            f"--data-dir ({type(e).__name__})"
+            f"dataset {name!r} {what} in {where} and this machine cannot download it; run "
+            f"`tfds build {name} --file_format=array_record --data_dir DIR` on a machine with "
+            f"network and pass that DIR with --data-dir ({type(e).__name__})"
         ) from None
-    return tuple(_records_to_split(src) for src in sources)  # type: ignore[return-value]
+    finally:
+        absl_logger.setLevel(level)
+    train, test = (_records_to_split(name, src) for src in sources)
+    try:
+        num_classes = int(sources[0].dataset_info.features["label"].num_classes)
+    except (AttributeError, KeyError, TypeError):  # no ClassLabel metadata
+        num_classes = int(max(train["label"].max(), test["label"].max())) + 1
+    return train, test, num_classes
 
 
-def _records_to_split(source) -> Split:
+def _records_to_split(name: str, source) -> Split:
     n = len(source)
-    records = source.__getitems__(list(range(n))) if n else []
+    if n == 0:
+        raise DataError(f"dataset {name!r} has an empty split {getattr(source, 'split', '')!r}")
+    try:
+        records = source.__getitems__(list(range(n)))  # batched read: fast on array_record
+    except TypeError:
+        # tfds.testing.mock_data (tfds 4.9) installs __getitems__ unbound; read one by one.
+        records = [source[i] for i in range(n)]
     images = np.stack([np.asarray(r["image"]) for r in records])
     if images.ndim == 3:
         images = images[..., None]
@@ -129,8 +156,7 @@ def load_dataset(
         train, test = load_synthetic(synthetic_size, tuple(synthetic_shape), synthetic_classes)
         num_classes = synthetic_classes
     else:
-        train, test = load_tfds(name, data_dir)
-        num_classes = int(max(train["label"].max(), test["label"].max())) + 1
+        train, test, num_classes = load_tfds(name, data_dir)
     train, val = _holdout(train, val_fraction)
     mean, std = channel_stats(train["image"])
     return Dataset(name, train, val, test, num_classes, mean, std)
