@@ -33,9 +33,11 @@ def create_schedule(
             0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1), end_value=0.0
         )
     if name == "step":
-        main = optax.piecewise_constant_schedule(
-            lr, {int(b * total_steps) - warmup_steps: step_factor for b in step_boundaries}
-        )
+        scales: dict[int, float] = {}
+        for b in step_boundaries:  # boundaries that round to the same step compound
+            at = int(b * total_steps) - warmup_steps
+            scales[at] = scales.get(at, 1.0) * step_factor
+        main = optax.piecewise_constant_schedule(lr, scales)
     else:
         main = optax.constant_schedule(lr)
     if warmup_steps == 0:
