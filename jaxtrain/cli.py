@@ -1,19 +1,90 @@
 """Entry point shared by every experiment: parse flags, run, map errors to exit codes.
 
-Exit status: 0 on success, 2 on bad input (one ``error: ...`` line on stderr,
-no traceback, nothing in the workdir touched), 1 on other failures.
+Exit status: 0 on success; 2 on bad input (one ``error: ...`` line on stderr, no
+traceback, nothing in the workdir touched); 1 on any other failure, with its
+traceback; 130 on Ctrl-C. Bad input is a ``ValueError`` or ``FileNotFoundError``
+raised by jaxtrain's (or an experiment's) own code: ``ConfigError``,
+``DataError``, ``ParallelError`` and the like. The same types raised inside a
+library (JAX, Orbax, ...) are bugs or environment failures and keep their
+traceback. An exception class may set ``exit_status`` to be reported in one
+line with that status.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from jaxtrain.config import TrainConfig, parse_config
 
-# Errors that mean "the input was bad": reported in one line, exit status 2.
+# Raised by our own code, these mean "the input was bad".
 USAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+_OWN_MODULES = ("jaxtrain", "experiments", "__main__")
+DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def exit_status(error: BaseException) -> int | None:
+    """2 when ``error`` is bad input, its class's ``exit_status`` if set, else None."""
+    status = getattr(type(error), "exit_status", None)
+    if isinstance(status, int):
+        return status
+    if not isinstance(error, USAGE_ERRORS):
+        return None
+    if type(error).__module__.split(".")[0] in _OWN_MODULES:
+        return 2  # ConfigError, DataError, ParallelError, ...
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    raised_in = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return 2 if raised_in.split(".")[0] in _OWN_MODULES else None
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """Deterministic GPU kernels and full-precision matmuls while the body runs.
+
+    ``--xla_gpu_deterministic_ops`` is read from ``XLA_FLAGS`` when JAX starts
+    its backend, so it is added here, before the first device is touched; if the
+    backend is already up (a notebook, a test) it warns on a GPU that the flag
+    cannot take effect. The matmul precision is scoped to the body.
+    """
+    if not enabled:
+        yield
+        return
+    import jax
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" not in flags:
+        if _backend_started():
+            if jax.default_backend() == "gpu":
+                print(
+                    "warning: --deterministic: JAX's backend already started, so XLA_FLAGS "
+                    f"cannot change; start Python with XLA_FLAGS={DETERMINISTIC_XLA_FLAG}",
+                    file=sys.stderr,
+                )
+        else:
+            os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_XLA_FLAG}".strip()
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # private API moved: assume the worst
+        return True
 
 
 def run(
@@ -24,22 +95,33 @@ def run(
     prog: str,
     body: Callable[[Any], Any] | None = None,
 ) -> int:
-    """Parses ``argv`` into a config and calls ``body(config)`` (default: train_and_evaluate)."""
+    """Parses ``argv`` into a config and calls ``body(config)`` (default: train_and_evaluate).
+
+    Returns the exit status (see the module docstring); never raises except
+    ``SystemExit`` from ``body``'s own sys.exit codes, which it returns too."""
     try:
         config = parse_config(config_type, defaults, argv, prog)
-        if body is None:
-            from jaxtrain.loop import train_and_evaluate
+        with deterministic_mode(config.deterministic):
+            if body is None:
+                from jaxtrain.loop import train_and_evaluate
 
-            body = train_and_evaluate
-        body(config)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+                body = train_and_evaluate
+            body(config)
+    except SystemExit as e:  # --help, or a body that exits on purpose
+        if e.code is None or isinstance(e.code, int):
+            return int(e.code or 0)
+        print(f"error: {e.code}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except USAGE_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        status = exit_status(e)
+        if status is None:
+            traceback.print_exc()
+            return 1
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return status
     return 0
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
+import os
+import re
+import tempfile
 import types
 import typing
 from collections.abc import Sequence
@@ -74,6 +78,14 @@ class TrainConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    # GPU: deterministic XLA ops and full-precision matmuls (see docs/BAD_INPUTS.md)
+    deterministic: bool = False
+    # outputs and tools (none changes what a run computes)
+    tensorboard: bool = True
+    wandb_project: str = ""
+    mlflow_experiment: str = ""
+    profile_steps: str = ""
+    dry_run: bool = False
 
     # Fields that do not change what a run computes; a resumed run may differ in them.
     RUNTIME_FIELDS: typing.ClassVar[frozenset[str]] = frozenset(
@@ -81,31 +93,47 @@ class TrainConfig:
             "workdir", "resume", "progress", "log_every", "compilation_cache", "parallel",
             "devices", "coordinator_address", "num_processes", "process_id", "data_dir",
             "checkpoint_every", "keep_checkpoints", "data_placement", "eval_batch_size", "seed_parallel",
+            "deterministic",
+            "tensorboard", "wandb_project", "mlflow_experiment", "profile_steps", "dry_run",
         }
     )
 
     def validate(self) -> TrainConfig:
-        """Raises ``ConfigError`` on the first value out of range; returns self."""
+        """Raises ``ConfigError`` on the first field of the wrong type or out of range;
+        returns self.
+
+        Checks the config alone (no files, devices or data): ``check_paths`` and
+        the loop's checks after loading data cover the rest, all before anything
+        is compiled or written.
+        """
         from jaxtrain.models import MODELS
         from jaxtrain.optim import OPTIMIZERS, SCHEDULES
 
-        positive = ("epochs", "batch_size", "num_seeds", "eval_batch_size", "synthetic_size", "log_every",
-                    "synthetic_classes", "max_skipped", "keep_checkpoints")
+        check_types(self)
+        positive = ("epochs", "batch_size", "num_seeds", "eval_batch_size", "synthetic_size",
+                    "log_every", "max_skipped", "keep_checkpoints")
         non_negative = ("eval_every", "checkpoint_every", "warmup_steps", "crop_padding",
                         "devices", "weight_decay", "clip_norm")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
         for name in non_negative:
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{_flag(name)} must be finite and >= 0, got {value}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be finite and > 0, got {self.lr}")
-        for name in ("dropout", "label_smoothing", "momentum"):
+        for name in ("dropout", "label_smoothing", "momentum", "val_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.seed < 2**32:
+            # jax.random.key(2**32) is the same key as key(0) (32-bit seeds by default)
+            raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
+        if self.seed + self.num_seeds > 2**32:
+            raise ConfigError(
+                f"--seed {self.seed} + --num-seeds {self.num_seeds} runs past the last seed 2**32-1"
+            )
+        check_dataset_name(self.dataset)
         if self.model not in MODELS:
             raise ConfigError(f"unknown --model {self.model!r}; choose one of {sorted(MODELS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -118,8 +146,15 @@ class TrainConfig:
             )
         if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) <= 0:
             raise ConfigError(f"--synthetic-shape must be H,W,C > 0, got {self.synthetic_shape}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if self.synthetic_classes < 2:
+            raise ConfigError(f"--synthetic-classes must be >= 2, got {self.synthetic_classes}")
+        if not self.workdir.strip():
+            raise ConfigError("--workdir must not be empty")
+        check_hosts(self.coordinator_address, self.num_processes, self.process_id)
+        if self.profile_steps:
+            from jaxtrain.profiling import parse_profile_steps
+
+            parse_profile_steps(self.profile_steps)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +162,148 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+BUILTIN_DATASETS = ("digits", "synthetic")
+# A TFDS name: ``name``, ``name/config``, ``name:version`` (lower case, digits, underscores).
+_TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9.*]+)?")
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin is tuple:
+        return "a tuple of " + {int: "integers", float: "numbers"}.get(args[0], str(args[0]))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return "None" if tp is type(None) else names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_has_type(v, args[0]) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:  # bool is an int subclass: True is not a batch size
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return not isinstance(tp, type) or isinstance(value, tp)
+
+
+def check_types(config: Any) -> None:
+    """Raises ``ConfigError`` naming the first field whose value does not match its
+    annotation (configs built in Python skip argparse's conversions)."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if not _has_type(value, hints[field.name]):
+            raise ConfigError(
+                f"{_flag(field.name)} must be {_type_name(hints[field.name])}, got {value!r}"
+            )
+
+
+def check_dataset_name(name: str) -> None:
+    """Raises ``ConfigError`` unless ``name`` is built in or spelled like a TFDS name
+    (whether TFDS knows it is checked when it is loaded)."""
+    if name in BUILTIN_DATASETS or _TFDS_NAME.fullmatch(name):
+        return
+    from jaxtrain.data import TFDS_DATASETS
+
+    raise ConfigError(
+        f"unknown --dataset {name!r}; choose {', '.join(BUILTIN_DATASETS)} or a TFDS name "
+        f"such as {', '.join(TFDS_DATASETS)}"
+    )
+
+
+def check_hosts(address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Raises ``ConfigError`` on a malformed multi-host setting (unset ones are detected later)."""
+    if address is not None:
+        host, sep, port = address.rpartition(":")
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"--coordinator-address must be HOST:PORT, got {address!r}")
+    if num_processes is not None and num_processes < 1:
+        raise ConfigError(f"--num-processes must be >= 1, got {num_processes}")
+    if process_id is not None and process_id < 0:
+        raise ConfigError(f"--process-id must be >= 0, got {process_id}")
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+        raise ConfigError(
+            f"--process-id {process_id} must be < --num-processes {num_processes}"
+        )
+
+
+def check_writable_dir(path: str, flag: str) -> None:
+    """Raises ``ConfigError`` unless ``path`` is a directory this process can write to,
+    or one it can create. Creates nothing (the probe is an unnamed temporary file)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.lexists(path) and not os.path.isdir(path):
+        what = "a broken symbolic link" if not os.path.exists(path) else "a file"
+        raise ConfigError(f"{flag} {path} is {what}, not a directory")
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag} {path} cannot be created: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"{flag} {path} is not writable ({e.strerror or type(e).__name__} in {existing})"
+        ) from None
+
+
+def check_paths(config: TrainConfig, workdir: str | None = None) -> None:
+    """Read-only checks of the folders a run writes to or reads from (``workdir``
+    defaults to ``config.workdir``); run before anything is written."""
+    check_writable_dir(workdir or config.workdir, "--workdir")
+    if config.compilation_cache:
+        try:
+            check_writable_dir(config.compilation_cache, "--compilation-cache")
+        except ConfigError as e:
+            raise ConfigError(f"{e} (pass --compilation-cache '' to run without it)") from None
+    if config.data_dir is not None and config.dataset not in BUILTIN_DATASETS:
+        if not os.path.isdir(os.path.expanduser(config.data_dir)):
+            raise ConfigError(f"--data-dir {config.data_dir} is not a directory")
+
+
+def check_model_input(
+    model: Any, image_shape: Sequence[int], num_classes: int, name: str
+) -> None:
+    """Raises ``ConfigError`` unless ``model`` maps images ``[B, *image_shape]`` to
+    logits ``[B, num_classes]``. Traced with ``jax.eval_shape``: nothing is compiled."""
+    import jax
+    import jax.numpy as jnp
+
+    images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+    shape = "x".join(map(str, image_shape))
+    try:
+        logits, _ = jax.eval_shape(
+            lambda x: model.init_with_output(jax.random.PRNGKey(0), x, train=False), images
+        )
+    except Exception as e:  # whatever the model raises on this shape
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"--model {name} cannot take {shape} images of this dataset "
+            f"({type(e).__name__}: {first})"
+        ) from None
+    if tuple(logits.shape) != (2, num_classes):
+        raise ConfigError(
+            f"--model {name} gives logits {tuple(logits.shape)} for a batch of 2 {shape} "
+            f"images; expected (2, {num_classes})"
+        )
 
 
 # ----------------------------------------------------------------------------- command line
@@ -143,7 +320,12 @@ def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
         return type(args[0]), {"choices": list(args)}
     if origin is tuple:
         elem = args[0]
-        return (lambda s: tuple(elem(v) for v in s.replace("x", ",").split(",") if v)), {}
+
+        def parse_tuple(s: str) -> tuple:
+            return tuple(elem(v) for v in s.replace("x", ",").split(",") if v.strip())
+
+        parse_tuple.__name__ = f"comma-separated {elem.__name__}"  # argparse's error names it
+        return parse_tuple, {}
     return tp, {}
 
 
@@ -152,6 +334,7 @@ def build_parser(config_type: type[TrainConfig], defaults: TrainConfig, prog: st
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(config_type.__doc__ or "").strip(),
+        allow_abbrev=False,  # a prefix such as --batch would change meaning as fields are added
     )
     hints = typing.get_type_hints(config_type)
     for field in dataclasses.fields(config_type):

@@ -99,6 +99,11 @@ def load_tfds(name: str, data_dir: str | None = None) -> tuple[Split, Split, int
     try:
         sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
     except Exception as e:  # noqa: BLE001  (TFDS raises several types for "not prepared")
+        if type(e).__name__ == "DatasetNotFoundError":  # not a registered TFDS name
+            raise DataError(
+                f"unknown --dataset {name!r}: TFDS has no such dataset; choose digits, "
+                f"synthetic or a TFDS name such as {', '.join(TFDS_DATASETS)}"
+            ) from None
         where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
         wrong_format = isinstance(e, NotImplementedError) and os.path.isdir(
             os.path.join(data_dir or "", name)
@@ -157,9 +162,40 @@ def load_dataset(
         num_classes = synthetic_classes
     else:
         train, test, num_classes = load_tfds(name, data_dir)
+    for split_name, split in (("train", train), ("test", test)):
+        check_split(split, num_classes, f"dataset {name!r} {split_name} split")
+    if train["image"].shape[1:] != test["image"].shape[1:]:
+        raise DataError(
+            f"dataset {name!r}: train images are {train['image'].shape[1:]} but test images "
+            f"are {test['image'].shape[1:]}"
+        )
     train, val = _holdout(train, val_fraction)
     mean, std = channel_stats(train["image"])
     return Dataset(name, train, val, test, num_classes, mean, std)
+
+
+def check_split(split: Split, num_classes: int, what: str = "split") -> None:
+    """Raises ``DataError`` unless ``split`` holds float images ``[N, H, W, C]``, finite
+    and in [0, 1], and integer labels ``[N]`` in ``[0, num_classes)``."""
+    images, labels = np.asarray(split["image"]), np.asarray(split["label"])
+    if images.ndim != 4 or min(images.shape[1:], default=0) < 1:
+        raise DataError(f"{what}: images have shape {images.shape}, expected [N, H, W, C]")
+    if labels.shape != images.shape[:1]:
+        raise DataError(f"{what}: labels have shape {labels.shape}, expected [{len(images)}]")
+    if not np.issubdtype(images.dtype, np.floating) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{what}: needs float images and integer labels, got {images.dtype} and {labels.dtype}"
+        )
+    if len(labels) and not (0 <= labels.min() and labels.max() < num_classes):
+        raise DataError(
+            f"{what}: labels must be in [0, {num_classes}), found {labels.min()}..{labels.max()}"
+        )
+    if images.size and not np.isfinite(images).all():
+        raise DataError(f"{what}: {np.count_nonzero(~np.isfinite(images))} non-finite pixel values")
+    if images.size and not (images.min() >= 0 and images.max() <= 1):
+        raise DataError(
+            f"{what}: pixel values must be in [0, 1], found {images.min():.4g}..{images.max():.4g}"
+        )
 
 
 # ----------------------------------------------------------------------------- transforms

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtrain import data as data_lib
-from jaxtrain.checkpoint import Checkpointer, state_tree
-from jaxtrain.config import ConfigError, TrainConfig
+from jaxtrain.checkpoint import Checkpointer, checkpoint_dir, state_tree
+from jaxtrain.config import ConfigError, TrainConfig, check_model_input, check_paths
 from jaxtrain.models import create_model
 from jaxtrain.optim import create_optimizer, create_schedule
 from jaxtrain.parallel import Strategy, create_strategy, prefetch
@@ -77,6 +77,7 @@ def build_model_and_state(
         weight_decay=config.weight_decay,
         clip_norm=config.clip_norm or None,
     )
+    check_model_input(model, dataset.image_shape, dataset.num_classes, config.model)
     sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
     init = jax.jit(
         functools.partial(create_train_state, model, tx, sample_images=sample, lr_fn=schedule)
@@ -205,6 +206,8 @@ def _device_info(strategy: Strategy) -> dict[str, Any]:
         "device_kind": strategy.devices[0].device_kind,
         "platform": strategy.devices[0].platform,
         "num_processes": jax.process_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # --deterministic adds to it
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
     }
 
 
@@ -262,6 +265,7 @@ def train_and_evaluate(
     config = config.validate()
     workdir = os.path.abspath(workdir or config.workdir)
     config = config.replace(workdir=workdir)
+    check_paths(config)  # read-only: a bad --workdir fails before anything is written
     is_main = jax.process_index() == 0
 
     # --- devices ---------------------------------------------------------------------
@@ -287,6 +291,11 @@ def train_and_evaluate(
         raise ConfigError(
             f"--batch-size {config.batch_size} is larger than the {n_train} training examples"
         )
+    if len(dataset.val["label"]) == 0:
+        raise ConfigError(
+            f"--val-fraction {config.val_fraction} holds out no validation examples "
+            f"of {n_train}; the loop evaluates on them (use a larger --val-fraction)"
+        )
     per_epoch = data_lib.steps_per_epoch(n_train, config.batch_size)
     total_steps = config.epochs * per_epoch
     resident = config.data_placement == "device" or (
@@ -295,6 +304,8 @@ def train_and_evaluate(
 
     # --- model, state, checkpoint -----------------------------------------------------
     host_state = build_model_and_state(config, dataset, total_steps)
+    if config.resume == "must" and not os.path.isdir(checkpoint_dir(workdir)):
+        raise ConfigError(f"--resume must, but {checkpoint_dir(workdir)} holds no checkpoint")
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     latest = ckpt.latest_step() if config.resume != "never" else None
