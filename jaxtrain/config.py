@@ -261,7 +261,8 @@ def check_writable_dir(path: str, flag: str) -> None:
             pass
     except OSError as e:
         raise ConfigError(
-            f"{flag} {path} is not writable ({e.strerror or type(e).__name__} in {existing})"
+            f"{flag} {path} is not writable (cannot create a file in {existing}: "
+            f"{e.strerror or type(e).__name__})"
         ) from None
 
 
