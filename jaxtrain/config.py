@@ -67,6 +67,10 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    # also keep the best checkpoint by this validation metric ("" = latest only);
+    # with it set, a checkpoint is also saved after every validation
+    best_metric: Literal["val_accuracy", "val_loss", ""] = "val_accuracy"
+    best_mode: Literal["auto", "max", "min"] = "auto"  # auto: min for a loss, else max
     resume: Literal["auto", "never", "must"] = "auto"
     on_nonfinite: Literal["raise", "skip", "rollback"] = "raise"
     max_skipped: int = 10
@@ -93,7 +97,7 @@ class TrainConfig:
             "workdir", "resume", "progress", "log_every", "compilation_cache", "parallel",
             "devices", "coordinator_address", "num_processes", "process_id", "data_dir",
             "checkpoint_every", "keep_checkpoints", "data_placement", "eval_batch_size", "seed_parallel",
-            "deterministic",
+            "deterministic", "best_metric", "best_mode", "on_nonfinite", "max_skipped",
             "tensorboard", "wandb_project", "mlflow_experiment", "profile_steps", "dry_run",
         }
     )
