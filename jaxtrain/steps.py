@@ -87,7 +87,7 @@ def train_step(
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     if axis_name is not None:
         grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis_name)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
         step=state.step + 1,
