@@ -17,6 +17,8 @@ from jaxtrain.config import TrainConfig
 class Config(TrainConfig):
     """Digits MLP (--batch-size is the global batch)."""
 
+    robustness: bool = False  # evaluate the robustness suite at the end of training
+
 
 DEFAULTS = Config(
     dataset="digits",
@@ -31,7 +33,10 @@ DEFAULTS = Config(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(Config, DEFAULTS, argv, prog="python -m experiments.digits_mlp")
+    from jaxtrain.robustness.runner import train_then_robustness
+
+    return run(Config, DEFAULTS, argv, prog="python -m experiments.digits_mlp",
+               body=train_then_robustness)
 
 
 if __name__ == "__main__":
