@@ -48,6 +48,8 @@ DAMAGED_DIR = "checkpoints.damaged"
 class DamagedCheckpointError(RuntimeError):
     """A checkpoint whose files are missing, truncated or do not match their checksums."""
 
+    exit_status = 1  # the CLI reports it in one line
+
     def __init__(self, step: int, reason: str):
         super().__init__(f"checkpoint at step {step} is damaged: {reason}")
         self.step, self.reason = step, reason
@@ -148,10 +150,12 @@ class Checkpointer:
         if best_metric:
             worst = -math.inf if best_mode == "max" else math.inf
             best_fn = lambda m: float(m.get(best_metric, worst))  # noqa: E731
-            policies.append(ocp_policy.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1))
+            policies.append(
+                ocp_policy.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1)
+            )
         self._manager = ocp.CheckpointManager(
             self.directory,
-            item_names=(STATE, META),
+            item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=ocp_policy.AnyPreservationPolicy(policies),
                 best_fn=best_fn,  # makes Orbax store metrics, so the best survives a restart
@@ -253,8 +257,8 @@ class Checkpointer:
         """The JSON metadata of ``step`` (raises ``DamagedCheckpointError``)."""
         self.wait()
         try:
-            out = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-            meta = out[META]
+            args = ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+            meta = self._manager.restore(step, args=args)[META]
         except Exception as e:  # Orbax raises many types for missing/broken files
             raise DamagedCheckpointError(step, _reason(e)) from None
         if not isinstance(meta, dict):
@@ -269,7 +273,8 @@ class Checkpointer:
         except Exception as e:
             raise DamagedCheckpointError(step, _reason(e)) from None
         saved = dict(leaf_paths(saved_tree))
-        here = dict(leaf_paths(target))
+        # params first: a model change shows there before in the optimizer state
+        here = dict(sorted(leaf_paths(target), key=lambda kv: not kv[0].startswith("params/")))
         where = f"the checkpoint at step {step} in {self.directory}"
         for path, x in here.items():
             if path not in saved:
