@@ -173,7 +173,9 @@ def _as_table(err: ErrorTable, what: str) -> tuple[list[str] | None, np.ndarray]
         return names, np.stack(rows)
     table = np.asarray(err, np.float64)
     if table.ndim != 2 or table.size == 0:
-        raise ValueError(f"{what}: expected errors shaped [corruptions, severities], got {table.shape}")
+        raise ValueError(
+            f"{what}: expected errors shaped [corruptions, severities], got {table.shape}"
+        )
     return None, table
 
 
