@@ -10,7 +10,9 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,14 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtrain import data as data_lib
-from jaxtrain.checkpoint import Checkpointer, checkpoint_dir, state_tree
+from jaxtrain.checkpoint import (
+    Checkpointer, Restored, checkpoint_dir, first_nonfinite, set_aside, snapshot, state_tree,
+)
 from jaxtrain.config import ConfigError, TrainConfig, check_model_input, check_paths
 from jaxtrain.models import create_model
 from jaxtrain.optim import create_optimizer, create_schedule
 from jaxtrain.parallel import Strategy, create_strategy, prefetch
 from jaxtrain.seeds import SeedPlacement, check_seed_strategy, seed_list, stack, vmap_eval, vmap_update
 from jaxtrain.state import TrainState, create_train_state
-from jaxtrain.steps import eval_step, train_step
+from jaxtrain.steps import cross_entropy, eval_step, train_step
 from jaxtrain.writers import JsonlWriter, LogWriter, MetricWriter, MultiWriter
 
 # Datasets up to this many bytes per split live on the devices (batches are
@@ -36,7 +40,130 @@ DEVICE_DATA_BYTES = 1 << 30
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss or gradient (policy ``raise``)."""
+    """Training produced a non-finite loss, gradient or state (see ``--on-nonfinite``)."""
+
+    exit_status = 1  # the CLI reports it in one line
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class Preempted(SystemExit):
+    """The run stopped on SIGTERM/SIGINT after committing a checkpoint.
+
+    A ``SystemExit`` with status 128 + signal number (143 for SIGTERM, 130 for
+    SIGINT), so the command exits non-zero and a scheduler (SLURM ``--requeue``)
+    restarts it; rerunning the same command resumes.
+    """
+
+    def __init__(self, signum: int, step: int, message: str):
+        super().__init__(128 + signum)
+        self.signum, self.step, self.message = signum, step, message
+
+
+class PreemptionGuard:
+    """While installed, the first SIGTERM or SIGINT only sets ``signum`` (the loop saves
+    at the next step boundary); a second one gets the default action and ends the
+    process at once. Installed by the loop in the main thread only, then restored."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> PreemptionGuard:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        print(f"received {signal.Signals(signum).name}: saving a checkpoint at the next step "
+              "boundary, then exiting (send it again to exit at once)", file=sys.stderr, flush=True)
+
+
+def diagnose_nonfinite(state: TrainState, batch: dict[str, np.ndarray], rng: jax.Array) -> str:
+    """Where a non-finite step comes from, recomputed on the host after detection (off
+    the hot path): the first non-finite parameter, else the first non-finite gradient
+    leaf of the loss on ``batch``."""
+    bad = first_nonfinite(state.params)
+    if bad is not None:
+        return f"first non-finite parameter: {bad}"
+
+    def loss_fn(params):
+        logits, _ = state.model.apply(
+            {"params": params, **state.model_state}, batch["image"], train=True,
+            rngs={"dropout": rng}, mutable=list(state.model_state),
+        )
+        return jnp.mean(cross_entropy(logits, batch["label"]))
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(state.params)
+    bad = first_nonfinite(jax.device_get(grads))
+    if bad is not None:
+        return f"first non-finite gradient: {bad}"
+    return f"loss {float(loss)}, every gradient finite on recomputation"
+
+
+def drop_records_after(path: str, step: int) -> None:
+    """On resume at ``step``: removes ``metrics.jsonl`` records of later steps (that work
+    is redone) and a line cut short by a kill, so the file reads as one run."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+
+    def keep(line: str) -> bool:
+        try:
+            return int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    kept = [line for line in lines if keep(line)]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+def resume_point(config: TrainConfig, workdir: str, target: Any) -> Restored | None:
+    """The checkpoint a run continues from under ``--resume``, or None to start fresh.
+
+    Checks the saved config and every leaf shape against ``target`` before anything
+    is written (``ConfigError`` names the first mismatch). Damaged newer checkpoints
+    are set aside with a warning naming both steps."""
+    directory = checkpoint_dir(workdir)
+    found = None
+    if os.path.isdir(directory):
+        reader = Checkpointer(workdir, read_only=True)
+        try:
+            if config.resume == "never" and reader.all_steps():
+                raise ConfigError(f"--resume never, but {directory} already holds checkpoints; "
+                                  "use a new --workdir")
+            if config.resume != "never":
+                found = reader.restore_latest(
+                    target, check=lambda meta: check_resumable(meta.get("config", {}), config)
+                )
+        finally:
+            reader.close()
+    if found is None:
+        if config.resume == "must":
+            raise ConfigError(f"--resume must, but {directory} holds no checkpoint")
+        return None
+    for step, reason in found.damaged:
+        moved = set_aside(workdir, step) if jax.process_index() == 0 else None
+        print(f"warning: the latest checkpoint, step {step}, is damaged ({reason}); falling back "
+              f"to step {found.step}" + (f" (moved it to {moved})" if moved else ""),
+              file=sys.stderr, flush=True)
+    return found
 
 
 # ----------------------------------------------------------------------------- setup
@@ -135,6 +262,34 @@ def make_update(
             return run(state, batch, key, axis_name)
 
     return update
+
+
+def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callable[..., Any]:
+    """``k`` calls of ``update`` as one ``lax.scan`` (one dispatch for ``k`` steps).
+
+    Takes ``idx_KB`` (resident) or a batch with a leading ``[K]`` axis instead of
+    one step's; metrics come back stacked ``[K]``. Same steps, same results as
+    ``k`` separate calls. Pays where dispatch dominates (small models, GPUs);
+    on XLA:CPU a conv step inside a scan was seen ~10x slower, so it is opt-in
+    (``--steps-per-call``)."""
+
+    if resident:
+
+        def fused(state, data, idx_KB, key, *, axis_name=None):
+            def body(st, idx):
+                return update(st, data, idx, key, axis_name=axis_name)
+
+            return jax.lax.scan(body, state, idx_KB, length=k)
+
+    else:
+
+        def fused(state, batch_K, key, *, axis_name=None):
+            def body(st, batch):
+                return update(st, batch, key, axis_name=axis_name)
+
+            return jax.lax.scan(body, state, batch_K, length=k)
+
+    return fused
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -304,23 +459,23 @@ def train_and_evaluate(
 
     # --- model, state, checkpoint -----------------------------------------------------
     host_state = build_model_and_state(config, dataset, total_steps)
-    if config.resume == "must" and not os.path.isdir(checkpoint_dir(workdir)):
-        raise ConfigError(f"--resume must, but {checkpoint_dir(workdir)} holds no checkpoint")
+    # Checkpoints are numbered by data position (batches consumed); that equals
+    # state.step (optimizer steps, which key per-step randomness) until a rollback.
+    base_key = np.asarray(stack([step_key(s) for s in seeds]) if seeded else step_key(config.seed))
+    resumed = resume_point(config, workdir, {**state_tree(host_state), "rng": base_key})
+    start_step, resumed_meta = 0, {}
+    if resumed is not None:
+        host_state = host_state.replace(**{k: v for k, v in resumed.tree.items() if k != "rng"})
+        base_key, resumed_meta = resumed.tree["rng"], resumed.meta
+        start_step = int(resumed_meta["step"])
     os.makedirs(workdir, exist_ok=True)
-    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-    latest = ckpt.latest_step() if config.resume != "never" else None
-    if config.resume == "must" and latest is None:
-        raise ConfigError(f"--resume must, but {ckpt.directory} holds no checkpoint")
-    start_step = 0
-    if latest is not None:
-        tree, meta = ckpt.restore(latest, target=state_tree(host_state))
-        check_resumable(meta.get("config", {}), config)
-        host_state = host_state.replace(**tree)
-        start_step = int(tree["step"])
-    elif config.resume == "never" and ckpt.all_steps():
-        raise ConfigError(
-            f"--resume never, but {ckpt.directory} already holds checkpoints; use a new --workdir"
-        )
+    if resumed is not None and is_main:
+        drop_records_after(os.path.join(workdir, "metrics.jsonl"), start_step)
+    best_mode = config.best_mode
+    if best_mode == "auto":
+        best_mode = "min" if config.best_metric.endswith("loss") else "max"
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
+                        best_mode=best_mode)
 
     # --- files -----------------------------------------------------------------------
     writers: list[MetricWriter] = []
@@ -353,14 +508,14 @@ def train_and_evaluate(
         update = placement.compile(vmap_update(update_fn, resident=resident), donate_argnums=(0,))
         evaluate_fn = placement.compile(vmap_eval(eval_step))
         put_eval = put_shared if placement.seed_parallel else strategy.shard
-        key = put_state(stack([step_key(s) for s in seeds]))
+        key = put_state(base_key)
     else:
         put_state = put_shared = strategy.replicate
         put_batch = put_eval = strategy.shard
         get = strategy.unreplicate
         update = strategy.compile(update_fn, donate_argnums=(0,))
         evaluate_fn = strategy.compile(eval_step)
-        key = put_state(step_key(config.seed))
+        key = put_state(base_key)
     state = put_state(host_state)
     pid, nproc = jax.process_index(), jax.process_count()
     local_rows = slice(pid * config.batch_size // nproc, (pid + 1) * config.batch_size // nproc)
@@ -382,12 +537,15 @@ def train_and_evaluate(
         inputs = prefetch(map(host_batch, range(start_step, total_steps)), put_batch)
         call = lambda st, x: update(st, x, key)  # noqa: E731
     run_eval = functools.partial(evaluate, put_eval, get, evaluate_fn)
+    take_snapshot = jax.jit(snapshot) if seeded else strategy.compile(snapshot)
 
     # --- loop ------------------------------------------------------------------------
     progress = Progress(config.progress, total_steps, start_step, is_main)
     eval_every = config.eval_every or per_epoch
     window: list[dict[str, jax.Array]] = []
-    skipped_in_a_row = 0
+    skipped_in_a_row = int(resumed_meta.get("skipped_in_a_row", 0))
+    rollback_to, rollbacks = resumed_meta.get("rollback_to"), int(resumed_meta.get("rollbacks", 0))
+    initial = {**state_tree(host_state), "rng": base_key}  # rollback target before any checkpoint
     steady_time, steady_steps, t_first = 0.0, 0, None
 
     def write(step: int, split: str, metrics: dict[str, Any]) -> None:
@@ -399,27 +557,70 @@ def train_and_evaluate(
             out.write(step, split, {"seed": s, **{k: float(np.broadcast_to(v, (len(seeds),))[i])
                                                   for k, v in metrics.items()}})
 
-    def save(step: int, state) -> None:
+    def save(step: int, state, val: dict[str, Any] | None = None) -> bool:
+        """Starts an asynchronous save at data position ``step``: the loop waits only
+        for a device copy and a finiteness flag. Writes nothing and returns False when
+        the state is not finite."""
+        copy, finite = take_snapshot({**state_tree(state), "rng": key})
+        if not np.all(get(finite)):
+            return False
         meta = {"config": config.to_dict(), "step": step, "epoch": step // per_epoch,
-                "index_in_epoch": step % per_epoch}
-        ckpt.save(step, state_tree(get(state)), meta)
+                "index_in_epoch": step % per_epoch, "skipped_in_a_row": skipped_in_a_row,
+                "rollback_to": rollback_to, "rollbacks": rollbacks}
+        metrics = {f"val_{k}": float(np.mean(v)) for k, v in (val or {}).items()}
+        ckpt.save(step, lambda: get(copy), meta, metrics=metrics)
+        return True
 
-    def flush_window(step: int) -> None:
+    def nonfinite_message(bad: int, m: dict[str, Any]) -> str:
+        """One line for policy ``raise``: the step (1-based, as in metrics.jsonl) and leaf."""
+        i = int(np.argmax(np.reshape(m["nonfinite"], -1))) if seeded else 0
+        host = get(state)
+        if seeded:
+            host = jax.tree.map(lambda x: x[i], host)
+        idx = data_lib.batch_indices(seeds[i], bad - 1, n_train, config.batch_size)
+        rng = jax.random.split(jax.random.fold_in(step_key(seeds[i]), int(host.step)))[1]
+        where = diagnose_nonfinite(host, data_lib.take(dataset.train, idx), rng)
+        loss = float(np.reshape(m["loss"], -1)[i])
+        seed = f" (seed {seeds[i]})" if seeded else ""
+        return (f"non-finite loss or gradient at step {bad}{seed}: loss={loss}, {where}; "
+                "try a lower --lr, --clip-norm, or --on-nonfinite skip/rollback")
+
+    def rollback(bad: int, step: int):
+        """``--on-nonfinite rollback``: the last checkpoint's state (the initial one before
+        any), placed on devices; the data position stays at ``step``."""
+        nonlocal rollback_to, rollbacks, skipped_in_a_row
+        found = ckpt.restore_latest(initial)
+        source, tree = (found.step, found.tree) if found is not None else (start_step, initial)
+        rollbacks = rollbacks + 1 if source == rollback_to else 1
+        rollback_to, skipped_in_a_row = source, 0
+        if rollbacks > config.max_skipped:
+            raise NonFiniteError(
+                f"non-finite again at step {bad} after {config.max_skipped} rollbacks to the "
+                f"checkpoint of step {source}; stopping (try a lower --lr or --clip-norm)"
+            )
+        print(f"warning: non-finite loss or gradient at step {bad}: rolled back to the checkpoint "
+              f"of step {source}, continuing with the batch of step {step + 1}",
+              file=sys.stderr, flush=True)
+        return put_state(host_state.replace(**{k: v for k, v in tree.items() if k != "rng"}))
+
+    def flush_window(step: int) -> int | None:
+        """Writes the window's mean train metrics and applies ``--on-nonfinite`` raise/skip.
+        Returns the window's first non-finite step (1-based), if any."""
         nonlocal skipped_in_a_row
         host = [get(m) for m in window]
         window.clear()
+        first_bad = None
         for i, m in enumerate(host):
             if np.any(m["nonfinite"]):
-                bad = step - len(host) + i
+                bad = step - len(host) + i + 1
+                first_bad = first_bad or bad
                 if config.on_nonfinite == "raise":
-                    raise NonFiniteError(
-                        f"non-finite loss or gradient at step {bad} (loss={m['loss']}); "
-                        "try a lower --lr, --clip-norm, or --on-nonfinite skip"
-                    )
+                    raise NonFiniteError(nonfinite_message(bad, m))
                 skipped_in_a_row += 1
-                if skipped_in_a_row >= config.max_skipped:
+                if config.on_nonfinite == "skip" and skipped_in_a_row >= config.max_skipped:
                     raise NonFiniteError(
-                        f"{skipped_in_a_row} consecutive non-finite steps up to step {bad}; stopping"
+                        f"{skipped_in_a_row} consecutive non-finite steps up to step {bad}; "
+                        "stopping (--max-skipped)"
                     )
             else:
                 skipped_in_a_row = 0
@@ -430,9 +631,22 @@ def train_and_evaluate(
         write(step, "train", mean)
         progress.update(step, len(host), "train",
                         {k: float(np.mean(mean[k])) for k in ("loss", "accuracy")})
+        return first_bad
 
+    def checkpoint(step: int, state, val: dict[str, Any] | None = None):
+        """Saves, or applies ``--on-nonfinite`` to a state that is not finite (never written)."""
+        if save(step, state, val):
+            return state
+        where = first_nonfinite(state_tree(get(state)))
+        if config.on_nonfinite == "rollback":
+            return rollback(step, step)
+        raise NonFiniteError(f"the state at step {step} holds non-finite values ({where}); "
+                             "not saving it (try --on-nonfinite rollback or a lower --lr)")
+
+    guard = PreemptionGuard().install()
     try:
         step = start_step
+        val, val_step = None, None
         t_mark, since_mark = time.perf_counter(), 0
         for x in inputs:
             state, metrics = call(state, x)
@@ -445,29 +659,43 @@ def train_and_evaluate(
                 since_mark += 1
             eval_due = step % eval_every == 0 or step == total_steps
             ckpt_due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-            if eval_due or ckpt_due or step % config.log_every == 0:
-                flush_window(step)  # the one host sync: this step's metrics
+            if eval_due or ckpt_due or step % config.log_every == 0 or guard.signum:
+                bad = flush_window(step)  # the one host sync: this step's metrics
+                if bad is not None and config.on_nonfinite == "rollback":
+                    state = rollback(bad, step)
                 steady_time += time.perf_counter() - t_mark
                 steady_steps += since_mark
                 if eval_due:
-                    val = run_eval(state, dataset.val, eval_batch)
+                    val, val_step = run_eval(state, dataset.val, eval_batch), step
                     write(step, "val", val)
                     progress.note(f"step {step} val: loss={np.mean(val['loss']):.4f} "
                                   f"accuracy={np.mean(val['accuracy']):.4f}")
-                if ckpt_due and step != total_steps:
-                    save(step, state)
+                if step != total_steps and (ckpt_due or (eval_due and ckpt.tracks_best)):
+                    state = checkpoint(step, state, val if val_step == step else None)
                 t_mark, since_mark = time.perf_counter(), 0
+            if guard.signum is not None:  # preempted: save at this step boundary, then exit
+                saved = ckpt.last_step == step or save(step, state)
+                ckpt.wait()
+                message = f"preempted by {signal.Signals(guard.signum).name} at step {step}: " + (
+                    f"checkpoint saved in {ckpt.directory}; rerun the same command to resume"
+                    if saved else "the state is not finite, so no checkpoint was saved")
+                print(message, file=sys.stderr, flush=True)
+                raise Preempted(guard.signum, step, message)
         if window:
-            flush_window(step)
+            bad = flush_window(step)
+            if bad is not None and config.on_nonfinite == "rollback":
+                state = rollback(bad, step)
 
         # --- final evaluation and summary -----------------------------------------------
-        if ckpt.latest_step() != step:
-            save(step, state)
+        if ckpt.last_step != step and not save(step, state, val if val_step == step else None):
+            raise NonFiniteError(f"the final state holds non-finite values "
+                                 f"({first_nonfinite(state_tree(get(state)))}); not saved")
         test = run_eval(state, dataset.test, eval_batch)
         val = run_eval(state, dataset.val, eval_batch)
         write(step, "test", test)
         ckpt.wait()
     finally:
+        guard.restore()
         progress.close()
         ckpt.close()
         out.close()
@@ -479,7 +707,7 @@ def train_and_evaluate(
         "num_devices": strategy.num_devices,
         "strategy": strategy.kind,
         "steps": step,
-        "resumed_from_step": start_step if latest is not None else None,
+        "resumed_from_step": start_step if resumed is not None else None,
         "epochs": config.epochs,
         "global_batch_size": config.batch_size,
     }
