@@ -23,6 +23,8 @@ equals the optimizer step unless a non-finite rollback happened.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import shutil
@@ -153,10 +155,9 @@ class Checkpointer:
             policies.append(
                 ocp_policy.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1)
             )
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
-            options=ocp.CheckpointManagerOptions(
+        handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
+        with _quiet_orbax():  # read-only mode logs two warnings that are expected here
+            options = ocp.CheckpointManagerOptions(
                 preservation_policy=ocp_policy.AnyPreservationPolicy(policies),
                 best_fn=best_fn,  # makes Orbax store metrics, so the best survives a restart
                 best_mode=best_mode,
@@ -164,8 +165,10 @@ class Checkpointer:
                 read_only=read_only,
                 cleanup_tmp_directories=not read_only,
                 enable_async_checkpointing=False,  # saves already run on our own thread
-            ),
-        )
+            )
+            self._manager = ocp.CheckpointManager(
+                self.directory, item_handlers=handlers, options=options
+            )
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_step: int | None = self._manager.latest_step()
@@ -345,6 +348,17 @@ class Checkpointer:
                 "move the folder away to start over"
             )
         return None
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _reason(e: BaseException) -> str:
