@@ -65,6 +65,9 @@ class TrainConfig:
     workdir: str = "runs/default"
     eval_every: int = 0
     log_every: int = 50
+    # fuse this many training steps into one compiled call (lax.scan); 1 = off.
+    # Helps where dispatch dominates (small models, GPUs); one device, one seed.
+    steps_per_call: int = 1
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     # also keep the best checkpoint by this validation metric ("" = latest only);
@@ -99,6 +102,7 @@ class TrainConfig:
             "checkpoint_every", "keep_checkpoints", "data_placement", "eval_batch_size", "seed_parallel",
             "deterministic", "best_metric", "best_mode", "on_nonfinite", "max_skipped",
             "tensorboard", "wandb_project", "mlflow_experiment", "profile_steps", "dry_run",
+            "steps_per_call",
         }
     )
 
@@ -115,7 +119,7 @@ class TrainConfig:
 
         check_types(self)
         positive = ("epochs", "batch_size", "num_seeds", "eval_batch_size", "synthetic_size",
-                    "log_every", "max_skipped", "keep_checkpoints")
+                    "log_every", "max_skipped", "keep_checkpoints", "steps_per_call")
         non_negative = ("eval_every", "checkpoint_every", "warmup_steps", "crop_padding",
                         "devices", "weight_decay", "clip_norm")
         for name in positive:
@@ -152,6 +156,9 @@ class TrainConfig:
             raise ConfigError(f"--synthetic-shape must be H,W,C > 0, got {self.synthetic_shape}")
         if self.synthetic_classes < 2:
             raise ConfigError(f"--synthetic-classes must be >= 2, got {self.synthetic_classes}")
+        if self.steps_per_call > 1 and self.num_seeds > 1:
+            raise ConfigError("--steps-per-call > 1 runs one seed only; use --num-seeds 1 "
+                              "or --steps-per-call 1")
         if not self.workdir.strip():
             raise ConfigError("--workdir must not be empty")
         check_hosts(self.coordinator_address, self.num_processes, self.process_id)

@@ -292,6 +292,59 @@ def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callabl
     return fused
 
 
+def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callable[..., Any]:
+    """``k`` calls of ``update`` as one ``lax.scan`` (one dispatch for ``k`` steps).
+
+    Takes ``idx_KB`` (resident) or a batch with a leading ``[K]`` axis instead of
+    one step's; metrics come back stacked ``[K]``. Same steps, same results as
+    ``k`` separate calls. Pays where dispatch dominates (small models, GPUs);
+    on XLA:CPU a conv step inside a scan was seen ~10x slower, so it is opt-in
+    (``--steps-per-call``)."""
+
+    if resident:
+
+        def fused(state, data, idx_KB, key, *, axis_name=None):
+            def body(st, idx):
+                return update(st, data, idx, key, axis_name=axis_name)
+
+            return jax.lax.scan(body, state, idx_KB, length=k)
+
+    else:
+
+        def fused(state, batch_K, key, *, axis_name=None):
+            def body(st, batch):
+                return update(st, batch, key, axis_name=axis_name)
+
+            return jax.lax.scan(body, state, batch_K, length=k)
+
+    return fused
+
+
+def call_plan(
+    start: int, total: int, k: int, boundaries: tuple[int, ...]
+) -> list[tuple[int, int]]:
+    """``(first_step, n)`` per compiled call from ``start`` to ``total``: ``n == k``
+    where ``k`` steps fit before the next multiple of a boundary (eval, checkpoint) or
+    the end, single steps for the rest, so no call crosses one (``k == 1``: all single)."""
+    plan, s = [], start
+    while s < total:
+        nxt = min([total, *(((s // b) + 1) * b for b in boundaries if b)])
+        while s + k <= nxt and k > 1:
+            plan.append((s, k))
+            s += k
+        plan.extend((i, 1) for i in range(s, nxt))
+        s = nxt
+    return plan
+
+
+def unstack_steps(metrics: dict[str, Any], seeded: bool) -> list[dict[str, Any]]:
+    """Host metrics of one call -> one dict per step (a fused call's are stacked ``[K]``;
+    a single step's are scalars, or ``[S]`` for a seed run, which is never fused)."""
+    if seeded or np.ndim(metrics["loss"]) == 0:
+        return [metrics]
+    return [{k: v[i] for k, v in metrics.items()} for i in range(len(metrics["loss"]))]
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -516,6 +569,15 @@ def train_and_evaluate(
         update = strategy.compile(update_fn, donate_argnums=(0,))
         evaluate_fn = strategy.compile(eval_step)
         key = put_state(base_key)
+    fused = update  # --steps-per-call: K steps in one lax.scan, single steps at boundaries
+    if config.steps_per_call > 1:
+        if strategy.kind != "none":
+            raise ConfigError(f"--steps-per-call {config.steps_per_call} needs one device "
+                              f"(--parallel none or --devices 1), not --parallel {strategy.kind}")
+        fused = strategy.compile(fuse_steps(update_fn, config.steps_per_call, resident=resident),
+                                 donate_argnums=(0,))
+    chunks = call_plan(start_step, total_steps, config.steps_per_call,
+                       (config.eval_every or per_epoch, config.checkpoint_every))
     state = put_state(host_state)
     pid, nproc = jax.process_index(), jax.process_count()
     local_rows = slice(pid * config.batch_size // nproc, (pid + 1) * config.batch_size // nproc)
@@ -525,17 +587,25 @@ def train_and_evaluate(
         per_seed = [data_lib.batch_indices(s, step, n_train, config.batch_size) for s in seeds]
         return np.stack(per_seed)[:, local_rows] if seeded else per_seed[0][local_rows]
 
+    def stacked(fn, first: int, n: int):
+        """One step's input, or ``n`` steps' stacked on a leading ``[n]`` axis."""
+        if n == 1:
+            return fn(first)
+        return jax.tree.map(lambda *xs: np.stack(xs), *[fn(first + i) for i in range(n)])
+
+    # inputs yield (n, x): x feeds n steps (one compiled call)
     if resident:
         train_data = put_shared(dataset.train)
-        inputs = prefetch(map(lambda st: put_batch(indices(st)), range(start_step, total_steps)),
+        inputs = prefetch(map(lambda c: (c[1], put_batch(stacked(indices, *c))), chunks),
                           lambda x: x)
-        call = lambda st, x: update(st, train_data, x, key)  # noqa: E731
+        call = lambda st, x: (fused if x[0] > 1 else update)(st, train_data, x[1], key)  # noqa: E731
     else:
         def host_batch(step):
             return {k: v[indices(step)] for k, v in dataset.train.items()}
 
-        inputs = prefetch(map(host_batch, range(start_step, total_steps)), put_batch)
-        call = lambda st, x: update(st, x, key)  # noqa: E731
+        inputs = prefetch(map(lambda c: (c[1], stacked(host_batch, *c)), chunks),
+                          lambda x: (x[0], put_batch(x[1])))
+        call = lambda st, x: (fused if x[0] > 1 else update)(st, x[1], key)  # noqa: E731
     run_eval = functools.partial(evaluate, put_eval, get, evaluate_fn)
     take_snapshot = jax.jit(snapshot) if seeded else strategy.compile(snapshot)
 
@@ -607,7 +677,7 @@ def train_and_evaluate(
         """Writes the window's mean train metrics and applies ``--on-nonfinite`` raise/skip.
         Returns the window's first non-finite step (1-based), if any."""
         nonlocal skipped_in_a_row
-        host = [get(m) for m in window]
+        host = [h for m in window for h in unstack_steps(get(m), seeded)]
         window.clear()
         first_bad = None
         for i, m in enumerate(host):
@@ -651,15 +721,17 @@ def train_and_evaluate(
         for x in inputs:
             state, metrics = call(state, x)
             window.append(metrics)
-            step += 1
+            n = x[0]  # steps in this call (call_plan never crosses an eval or checkpoint step)
+            step += n
             if t_first is None:  # the first step compiles: keep it out of the steady state
                 jax.block_until_ready(state)
                 t_first = t_mark = time.perf_counter()
             else:
-                since_mark += 1
+                since_mark += n
             eval_due = step % eval_every == 0 or step == total_steps
             ckpt_due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-            if eval_due or ckpt_due or step % config.log_every == 0 or guard.signum:
+            log_due = step // config.log_every != (step - n) // config.log_every
+            if eval_due or ckpt_due or log_due or guard.signum:
                 bad = flush_window(step)  # the one host sync: this step's metrics
                 if bad is not None and config.on_nonfinite == "rollback":
                     state = rollback(bad, step)

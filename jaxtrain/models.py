@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -58,8 +59,37 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
+class Im2ColConv(nn.Module):
+    """A stride-1 'SAME' convolution as patches + one matmul (im2col).
+
+    Same parameters as ``nn.Conv`` (``kernel [kh, kw, C, F]``, ``bias [F]``, float32)
+    and the same function, so the two are interchangeable in a checkpoint; only
+    XLA's lowering differs (a dot instead of a convolution)."""
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
+        c = x_BHWC.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (*self.kernel_size, c, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        # patches_BHW(C*kh*kw): feature order is (C, kh, kw)
+        patches = jax.lax.conv_general_dilated_patches(
+            x_BHWC.astype(self.dtype), self.kernel_size, (1, 1), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        kernel_KF = jnp.transpose(kernel, (2, 0, 1, 3)).reshape((-1, self.features))
+        return jnp.dot(patches, kernel_KF.astype(self.dtype)) + bias.astype(self.dtype)
+
+
 class CNN(nn.Module):
-    """Small LeNet-style CNN: two conv(3x3)+ReLU+maxpool blocks, dense, head."""
+    """Small LeNet-style CNN: two conv(3x3)+ReLU+maxpool blocks, dense, head.
+
+    ``conv="im2col"`` lowers each convolution to patches + matmul (``Im2ColConv``,
+    same parameters); ``"xla"`` uses XLA's convolution."""
 
     num_classes: int
     features: Sequence[int] = (32, 64)
@@ -69,12 +99,16 @@ class CNN(nn.Module):
     std: Sequence[float] = (1.0,)
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
+    conv: str = "xla"
 
     @nn.compact
     def __call__(self, x_BHWC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = Standardize(self.mean, self.std)(x_BHWC).astype(self.dtype)
-        for f in self.features:
-            x = nn.relu(nn.Conv(f, (3, 3), dtype=self.dtype)(x))
+        for i, f in enumerate(self.features):
+            if self.conv == "im2col":
+                x = nn.relu(Im2ColConv(f, (3, 3), dtype=self.dtype, name=f"Conv_{i}")(x))
+            else:
+                x = nn.relu(nn.Conv(f, (3, 3), dtype=self.dtype, name=f"Conv_{i}")(x))
             if min(x.shape[1:3]) >= 2:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))

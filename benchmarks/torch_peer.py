@@ -1,0 +1,644 @@
+"""jaxtrain against plain PyTorch: the same models, data, batches and optimizer.
+
+    python -m benchmarks.torch_peer                       # every suite, CPU defaults
+    python -m benchmarks.torch_peer --suites cnn          # CNN variants only
+    python -m benchmarks.torch_peer --suites resnet --resnet-dtype bfloat16 \\
+        --peak-flops 989e12                               # on an H100
+
+Suites (each side runs in its own process, one after the other, measured
+side by side in one run and reported as ratios jaxtrain / PyTorch):
+
+- ``mlp``: digits MLP, whole training with the ``experiments.digits_mlp``
+  defaults (30 epochs, batch 64, Adam 2e-3, cosine), both from the same initial
+  parameters and the same batch order, a validation pass every epoch and a test
+  pass at the end. jaxtrain runs ``train_and_evaluate`` (compile, checkpoint and
+  files included) with a cold and a warm compilation cache and with
+  ``--steps-per-call``; PyTorch runs eager at its best thread count.
+- ``cnn``: MNIST-shape CNN (batch 128) training steps/s, jaxtrain variants
+  (layout, precision, XLA flags, im2col convolution) against PyTorch eager
+  (NCHW and channels_last, each thread count). A PyTorch measurement runs
+  before and after each jaxtrain variant; its ratio uses their mean.
+- ``resnet``: ResNet-18 on CIFAR-shape data, images/s and MFU; PyTorch with
+  autocast (bf16) on GPU, channels_last and ``torch.compile`` where a GPU is
+  present (``--torch-compile``).
+
+PyTorch is an optional dependency of the benchmarks only (``pip install torch``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+from benchmarks import common, throughput
+
+SUITES = ("mlp", "cnn", "resnet")
+
+# jaxtrain CNN variants for the MNIST-shape comparison: name -> (case changes, XLA flags).
+CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "baseline (NHWC f32)": ({}, ""),
+    "bf16": ({"dtype": "bfloat16"}, ""),
+    "NCHW layout": ({"model": "cnn_nchw"}, ""),
+    "im2col conv": ({"model": "cnn_im2col"}, ""),
+    "onednn": ({}, "--xla_cpu_use_onednn=true"),
+    "no thunk runtime": ({}, "--xla_cpu_use_thunk_runtime=false"),
+    "single-thread eigen": ({}, "--xla_cpu_multi_thread_eigen=false"),
+    "fast math": ({}, "--xla_cpu_enable_fast_math=true"),
+    "im2col + onednn": ({"model": "cnn_im2col"}, "--xla_cpu_use_onednn=true"),
+}
+
+
+def have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- PyTorch models
+
+
+@functools.cache
+def _torch_modules():
+    """The PyTorch twins of ``jaxtrain.models`` (defined lazily: torch is optional)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Standardize(nn.Module):
+        def __init__(self, mean, std):
+            super().__init__()
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+        def forward(self, x):
+            return (x - self.mean) / self.std
+
+    class MLP(nn.Module):
+        """Flatten, ReLU layers ``hidden``, linear head (as ``jaxtrain.models.MLP``)."""
+
+        def __init__(self, in_shape_CHW, num_classes, mean, std, hidden=(256, 256)):
+            super().__init__()
+            self.norm = Standardize(mean, std)
+            sizes = [int(torch.tensor(in_shape_CHW).prod()), *hidden]
+            self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+            self.head = nn.Linear(sizes[-1], num_classes)
+
+        def forward(self, x_BCHW):
+            x = self.norm(x_BCHW).flatten(1)
+            for layer in self.hidden:
+                x = F.relu(layer(x))
+            return self.head(x)
+
+    class CNN(nn.Module):
+        """conv3x3+ReLU+maxpool blocks, dense, head (as ``jaxtrain.models.CNN``)."""
+
+        def __init__(self, in_shape_CHW, num_classes, mean, std, features=(32, 64), dense=128):
+            super().__init__()
+            self.norm = Standardize(mean, std)
+            c, h, w = in_shape_CHW
+            self.convs, self.pool = nn.ModuleList(), []
+            for f in features:
+                self.convs.append(nn.Conv2d(c, f, 3, padding=1))
+                pool = min(h, w) >= 2
+                self.pool.append(pool)
+                c, h, w = f, (h // 2 if pool else h), (w // 2 if pool else w)
+            self.flat_shape = (c, h, w)
+            self.dense = nn.Linear(c * h * w, dense)
+            self.head = nn.Linear(dense, num_classes)
+
+        def forward(self, x_BCHW):
+            x = self.norm(x_BCHW)
+            for conv, pool in zip(self.convs, self.pool):
+                x = F.relu(conv(x))
+                if pool:
+                    x = F.max_pool2d(x, 2)
+            return self.head(F.relu(self.dense(x.flatten(1))))
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout, momentum=0.1, eps=1e-5)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout, momentum=0.1, eps=1e-5)
+            nn.init.zeros_(self.bn2.weight)
+            self.short = None
+            if stride != 1 or cin != cout:
+                self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                           nn.BatchNorm2d(cout, momentum=0.1, eps=1e-5))
+
+        def forward(self, x):
+            y = F.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
+            return F.relu((x if self.short is None else self.short(x)) + y)
+
+    class ResNet(nn.Module):
+        """CIFAR-style ResNet (3x3 stem, no max-pool), as ``jaxtrain.models.ResNet``."""
+
+        def __init__(self, in_shape_CHW, num_classes, mean, std, stage_sizes=(2, 2, 2, 2),
+                     width=64):
+            super().__init__()
+            self.norm = Standardize(mean, std)
+            self.stem = nn.Conv2d(in_shape_CHW[0], width, 3, 1, 1, bias=False)
+            self.bn = nn.BatchNorm2d(width, momentum=0.1, eps=1e-5)
+            blocks, cin = [], width
+            for i, n in enumerate(stage_sizes):
+                for j in range(n):
+                    cout = width * 2**i
+                    blocks.append(Block(cin, cout, 2 if i > 0 and j == 0 else 1))
+                    cin = cout
+            self.blocks = nn.Sequential(*blocks)
+            self.head = nn.Linear(cin, num_classes)
+
+        def forward(self, x_BCHW):
+            x = F.relu(self.bn(self.stem(self.norm(x_BCHW))))
+            return self.head(self.blocks(x).mean(dim=(2, 3)))
+
+    return {"mlp": MLP, "cnn": CNN, "resnet18": ResNet,
+            "resnet_tiny": functools.partial(ResNet, stage_sizes=(1, 1), width=8)}
+
+
+def create_torch_model(name: str, in_shape_HWC, num_classes: int, mean, std):
+    """The PyTorch twin of registry model ``name`` for images ``[H, W, C]``."""
+    base = name.removesuffix("_im2col").removesuffix("_nchw")
+    h, w, c = in_shape_HWC
+    return _torch_modules()[base]((c, h, w), num_classes, list(mean), list(std))
+
+
+def load_flax_params(model, params: dict[str, Any]) -> None:
+    """Copies flax ``params`` of an MLP or CNN into its PyTorch twin (same function).
+
+    Dense kernels ``[in, out]`` become ``weight [out, in]``; conv kernels
+    ``[kh, kw, in, out]`` become ``[out, in, kh, kw]``; the first dense layer
+    after a flatten has its rows reordered from flax's (H, W, C) to (C, H, W)."""
+    import numpy as np
+    import torch
+
+    def put(linear, p, reorder_chw=None):
+        kernel = np.asarray(p["kernel"], np.float32)
+        if reorder_chw is not None:
+            c, h, w = reorder_chw
+            kernel = kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(c * h * w, -1)
+        if kernel.ndim == 4:
+            kernel = kernel.transpose(3, 2, 0, 1)
+        else:
+            kernel = kernel.T
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel)))
+            linear.bias.copy_(torch.from_numpy(np.asarray(p["bias"], np.float32)))
+
+    names = sorted(params, key=lambda n: (n.split("_")[0], int(n.split("_")[-1])))
+    if hasattr(model, "convs"):  # CNN: Conv_0.., Dense_0 (hidden), Dense_1 (head)
+        convs = [n for n in names if n.startswith("Conv_")]
+        for layer, n in zip(model.convs, convs):
+            put(layer, params[n])
+        put(model.dense, params["Dense_0"], reorder_chw=model.flat_shape)
+        put(model.head, params["Dense_1"])
+    else:  # MLP: Dense_0..Dense_{n-1} hidden, last is the head (digits: C == 1, order kept)
+        dense = [n for n in names if n.startswith("Dense_")]
+        for layer, n in zip([*model.hidden, model.head], dense):
+            put(layer, params[n])
+
+
+def to_torch_images(images_NHWC, device, channels_last: bool = False):
+    import numpy as np
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images_NHWC.transpose(0, 3, 1, 2))).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def torch_cosine(opt, total_steps: int):
+    """optax ``warmup_cosine_decay_schedule`` with no warmup: lr * (1 + cos(pi t / T)) / 2."""
+    import math
+
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
+    )
+
+
+def make_torch_step(model, opt, sched, *, amp_dtype=None, device_type="cpu"):
+    """One eager training step ``step(x, y) -> loss`` (autocast when ``amp_dtype``)."""
+    import torch
+    import torch.nn.functional as F
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        return loss
+
+    return step
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def _torch_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def torch_steps(case: dict[str, Any]) -> dict[str, Any]:
+    """PyTorch training steps/s for ``case`` (as ``throughput.measure_case``), per thread count."""
+    import numpy as np
+    import torch
+
+    from jaxtrain import data as data_lib
+
+    config = throughput.train_config(case)
+    dataset = throughput.load(config)
+    device = _torch_device()
+    bs = config.batch_size
+    n = len(dataset.train["label"])
+    channels_last = bool(case.get("channels_last"))
+    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(case.get("dtype", ""))
+    x_all = to_torch_images(dataset.train["image"], device, channels_last)
+    y_all = torch.from_numpy(dataset.train["label"].astype(np.int64)).to(device)
+    idxs = [torch.from_numpy(np.resize(data_lib.batch_indices(0, s, n, bs), bs).astype(np.int64))
+            .to(device) for s in range(4)]
+    runs = []
+    threads = case.get("threads") or [0]
+    for nt in threads:
+        if nt and device.type == "cpu":
+            torch.set_num_threads(int(nt))
+        torch.manual_seed(0)
+        model = create_torch_model(case["model"], dataset.image_shape, dataset.num_classes,
+                                   dataset.mean, dataset.std).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+        t0 = time.perf_counter()
+        fwd = torch.compile(model) if case.get("torch_compile") else model
+        step_fn = make_torch_step(fwd, opt, None, amp_dtype=amp, device_type=device.type)
+        counter = {"i": 0}
+
+        def step(carry, step_fn=step_fn, counter=counter):
+            counter["i"] += 1
+            idx = idxs[counter["i"] % len(idxs)]
+            return step_fn(x_all.index_select(0, idx), y_all.index_select(0, idx))
+
+        loss = step(None)
+        _sync(device)
+        first = time.perf_counter() - t0
+        for _ in range(2):
+            loss = step(loss)
+        _sync(device)
+        if case.get("steps"):
+            n_steps = int(case["steps"])
+        else:
+            t0 = time.perf_counter()
+            loss = step(loss)
+            _sync(device)
+            n_steps = max(2, int(case.get("seconds", 2.0) / max(time.perf_counter() - t0, 1e-6)))
+        loss, timing = common.time_steps(step, loss, n_steps, int(case.get("repeats", 3)),
+                                         lambda _: _sync(device))
+        runs.append({"threads": nt or torch.get_num_threads(), "first_call_s": first,
+                     "timing": timing, "steps_per_s": 1.0 / timing["best_s_per_step"],
+                     "loss_finite": bool(torch.isfinite(loss).item())})
+    best = max(runs, key=lambda r: r["steps_per_s"])
+    return {**case, "device": str(device), "runs": runs, "best_threads": best["threads"],
+            "steps_per_s": best["steps_per_s"], "images_per_s": best["steps_per_s"] * bs,
+            "param_count": sum(p.numel() for p in model.parameters()),
+            "memory": common.torch_peak_memory()}
+
+
+def digits_config(**changes):
+    from experiments.digits_mlp import DEFAULTS
+
+    return DEFAULTS.replace(compilation_cache="", progress="none", **changes)
+
+
+def torch_train(case: dict[str, Any]) -> dict[str, Any]:
+    """Whole digits-MLP training in PyTorch, as ``train_and_evaluate`` does it."""
+    import numpy as np
+    import torch
+
+    from jaxtrain import data as data_lib
+    from jaxtrain import loop
+
+    config = digits_config(epochs=case["epochs"])
+    dataset = data_lib.load_dataset(config.dataset, val_fraction=config.val_fraction)
+    n = len(dataset.train["label"])
+    per_epoch = data_lib.steps_per_epoch(n, config.batch_size)
+    total = per_epoch * config.epochs
+    host_state = loop.build_model_and_state(config, dataset, total)
+    order = np.stack([data_lib.batch_indices(config.seed, s, n, config.batch_size)
+                      for s in range(total)]).astype(np.int64)
+    device = _torch_device()
+    split = {name: (to_torch_images(s["image"], device),
+                    torch.from_numpy(s["label"].astype(np.int64)).to(device))
+             for name, s in (("train", dataset.train), ("val", dataset.val),
+                             ("test", dataset.test))}
+    order_t = torch.from_numpy(order).to(device)
+    runs = []
+    for nt in case.get("threads") or [0]:
+        if nt and device.type == "cpu":
+            torch.set_num_threads(int(nt))
+        model = create_torch_model(config.model, dataset.image_shape, dataset.num_classes,
+                                   dataset.mean, dataset.std).to(device)
+        load_flax_params(model, host_state.params)
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+        step = make_torch_step(model, opt, torch_cosine(opt, total), device_type=device.type)
+
+        def accuracy(name):
+            x, y = split[name]
+            with torch.no_grad():
+                correct = sum(int((model(x[i:i + config.eval_batch_size]).argmax(-1)
+                                   == y[i:i + config.eval_batch_size]).sum())
+                              for i in range(0, len(y), config.eval_batch_size))
+            return correct / len(y)
+
+        x_tr, y_tr = split["train"]
+        t0 = time.perf_counter()
+        for s in range(total):
+            idx = order_t[s]
+            loss = step(x_tr.index_select(0, idx), y_tr.index_select(0, idx))
+            if (s + 1) % per_epoch == 0:
+                float(loss)
+                accuracy("val")
+        _sync(device)
+        t_train = time.perf_counter() - t0
+        test_acc = accuracy("test")
+        runs.append({"threads": nt or torch.get_num_threads(), "wall_s": time.perf_counter() - t0,
+                     "train_loop_s": t_train, "steps_per_s": total / t_train,
+                     "test_accuracy": test_acc})
+    best = min(runs, key=lambda r: r["wall_s"])
+    return {**case, "runs": runs, "best_threads": best["threads"], "wall_s": best["wall_s"],
+            "steps_per_s": best["steps_per_s"], "test_accuracy": best["test_accuracy"],
+            "steps": total, "memory": common.torch_peak_memory()}
+
+
+def jax_train(case: dict[str, Any]) -> dict[str, Any]:
+    """Whole digits-MLP training with ``train_and_evaluate`` (files and checkpoint included)."""
+    from jaxtrain.loop import train_and_evaluate
+
+    changes = {"epochs": case["epochs"], "compilation_cache": case.get("cache", "")}
+    if case.get("steps_per_call", 1) > 1:
+        changes["steps_per_call"] = case["steps_per_call"]
+    config = digits_config(**changes)
+    with tempfile.TemporaryDirectory() as workdir:
+        t0 = time.perf_counter()
+        summary = train_and_evaluate(config, workdir)
+        wall = time.perf_counter() - t0
+    return {**case, "wall_s": wall, "steps_per_s": summary["train_steps_per_sec"],
+            "test_accuracy": summary["test_accuracy"], "steps": summary["steps"]}
+
+
+def register_benchmark_models() -> None:
+    """Adds ``cnn_im2col`` (``CNN(conv="im2col")``) and ``cnn_nchw`` (the CNN with NCHW
+    convolutions) to the model registry of this (child) process."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from jaxtrain import models
+
+    if "cnn_nchw" in models.MODELS:
+        return
+    models.MODELS["cnn_im2col"] = functools.partial(models.CNN, conv="im2col")
+
+    class ConvNCHW(nn.Module):
+        features: int
+        dtype: Any = jnp.float32
+
+        @nn.compact
+        def __call__(self, x_BCHW):
+            c = x_BCHW.shape[1]
+            k = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features))
+            b = self.param("bias", nn.initializers.zeros, (self.features,))
+            y = jax.lax.conv_general_dilated(
+                x_BCHW.astype(self.dtype), k.astype(self.dtype), (1, 1), "SAME",
+                dimension_numbers=("NCHW", "HWIO", "NCHW"))
+            return y + b.astype(self.dtype).reshape((1, -1, 1, 1))
+
+    class CNNNCHW(models.CNN):
+        """``models.CNN`` computed in NCHW (benchmark only)."""
+
+        @nn.compact
+        def __call__(self, x_BHWC, train: bool = False):
+            x = models.Standardize(self.mean, self.std)(x_BHWC).astype(self.dtype)
+            x = jnp.transpose(x, (0, 3, 1, 2))
+            for f in self.features:
+                x = nn.relu(ConvNCHW(f, self.dtype)(x))
+                if min(x.shape[2:4]) >= 2:
+                    x = nn.max_pool(x.transpose(0, 2, 3, 1), (2, 2), strides=(2, 2))
+                    x = x.transpose(0, 3, 1, 2)
+            x = x.reshape((x.shape[0], -1))
+            x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x))
+            return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+    models.MODELS["cnn_nchw"] = CNNNCHW
+
+
+def jax_steps(case: dict[str, Any]) -> dict[str, Any]:
+    register_benchmark_models()
+    return throughput.measure_case(case)
+
+
+CHILDREN = {"torch_steps": torch_steps, "torch_train": torch_train,
+            "jax_train": jax_train, "jax_steps": jax_steps}
+
+
+def child(case: dict[str, Any]) -> dict[str, Any]:
+    return CHILDREN[case.pop("kind")](case)
+
+
+# ----------------------------------------------------------------------------- suites
+
+
+def _run(kind: str, case: dict[str, Any], args, env: dict[str, str] | None = None):
+    try:
+        return common.run_child("benchmarks.torch_peer", {"kind": kind, **case}, env=env,
+                                timeout=args.timeout)
+    except common.BenchmarkError as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return {**case, "error": str(e)}
+
+
+def suite_mlp(args, threads) -> dict[str, Any]:
+    epochs = 2 if args.smoke else args.epochs
+    cache = tempfile.mkdtemp(prefix="jaxtrain-bench-cache-")
+    jax_runs = {
+        "jaxtrain, cold compile cache": _run("jax_train", {"epochs": epochs, "cache": cache}, args),
+        "jaxtrain, warm compile cache": _run("jax_train", {"epochs": epochs, "cache": cache}, args),
+    }
+    for k in args.steps_per_call:
+        jax_runs[f"jaxtrain, steps-per-call {k}, warm cache"] = _run(
+            "jax_train", {"epochs": epochs, "cache": cache, "steps_per_call": k}, args)
+        jax_runs[f"jaxtrain, steps-per-call {k}, warm cache"] = _run(
+            "jax_train", {"epochs": epochs, "cache": cache, "steps_per_call": k}, args)
+    torch_run = _run("torch_train", {"epochs": epochs, "threads": threads}, args)
+    rows, out = [], []
+    for name, r in [*jax_runs.items(), ("pytorch eager", torch_run)]:
+        speedup = common.ratio(torch_run.get("wall_s"), r.get("wall_s"))
+        out.append({"name": name, **r, "speedup_vs_torch_wall": speedup,
+                    "steps_per_s_ratio_vs_torch": common.ratio(r.get("steps_per_s"),
+                                                               torch_run.get("steps_per_s"))})
+        rows.append([name, r.get("wall_s"), r.get("steps_per_s"), r.get("test_accuracy"),
+                     speedup, "error" if "error" in r else ""])
+    common.print_table(
+        f"digits MLP, whole training ({epochs} epochs, batch 64): jaxtrain vs PyTorch eager "
+        f"(best of threads {threads})",
+        ["run", "wall_s", "steps/s", "test_acc", "speedup_vs_torch", ""], rows)
+    return {"epochs": epochs, "runs": out}
+
+
+def suite_cnn(args, threads) -> dict[str, Any]:
+    base = {"model": "cnn", "data": "mnist", "batch_size": args.cnn_batch_size,
+            "seconds": args.seconds, "repeats": args.repeats, "synthetic_size": 2048}
+    if args.smoke:
+        base.update(batch_size=16, steps=2, repeats=1, synthetic_size=256)
+    variants = {k: v for k, v in CNN_VARIANTS.items() if not args.cnn_variants
+                or k in args.cnn_variants}
+    torch_cases = {"pytorch eager NCHW": {}, "pytorch eager channels_last":
+                   {"channels_last": True}}
+
+    def torch_round():
+        return {name: _run("torch_steps", {**base, **extra, "threads": threads}, args)
+                for name, extra in torch_cases.items()}
+
+    rounds = [torch_round()]
+    jax_results = {}
+    for name, (changes, flags) in variants.items():
+        env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
+        jax_results[name] = _run("jax_steps", {**base, **changes, "xla_flags": flags}, args,
+                                 env=env)
+        rounds.append(torch_round())
+    # PyTorch reference for variant i: the best torch setting, mean of rounds i and i + 1.
+    def torch_best(rnd):
+        vals = [r.get("steps_per_s") for r in rnd.values() if r.get("steps_per_s")]
+        return max(vals) if vals else None
+
+    refs = [torch_best(r) for r in rounds]
+    rows, out = [], []
+    for i, (name, r) in enumerate(jax_results.items()):
+        pair = [v for v in (refs[i], refs[i + 1]) if v]
+        ref = sum(pair) / len(pair) if pair else None
+        rel = common.ratio(r.get("steps_per_s"), ref)
+        out.append({"name": name, **r, "torch_ref_steps_per_s": ref, "ratio_vs_torch": rel})
+        rows.append([name, r.get("xla_flags", ""), r.get("steps_per_s"), ref, rel,
+                     r.get("cpu_s_per_step"), r.get("compile_s"),
+                     "error" if "error" in r else ""])
+    for name in torch_cases:
+        vals = [rnd[name].get("steps_per_s") for rnd in rounds if rnd[name].get("steps_per_s")]
+        rows.append([name, f"threads {threads}", max(vals) if vals else None, None, None, None,
+                     None, ""])
+    common.print_table(
+        f"MNIST-shape CNN, batch {base['batch_size']}: training steps/s, jaxtrain variant vs "
+        "PyTorch eager (best setting, measured before and after each variant)",
+        ["variant", "xla_flags", "steps/s", "torch_steps/s", "ratio", "cpu_s/step",
+         "compile_s", ""], rows)
+    return {"batch_size": base["batch_size"], "variants": out, "torch_rounds": rounds}
+
+
+def suite_resnet(args, threads, platform: str) -> dict[str, Any]:
+    on_gpu = platform != "cpu"
+    dtype = args.resnet_dtype or ("bfloat16" if on_gpu else "float32")
+    bs = args.resnet_batch_size or (256 if on_gpu else 32)
+    base = {"model": "resnet18", "data": "cifar", "batch_size": bs, "dtype": dtype,
+            "seconds": args.seconds, "repeats": args.repeats, "synthetic_size": 4096}
+    if not on_gpu:
+        base["steps"] = args.resnet_steps
+    if args.smoke:
+        base.update(model="resnet_tiny", batch_size=16, steps=2, repeats=1, synthetic_size=256)
+    compile_torch = args.torch_compile == "on" or (args.torch_compile == "auto" and on_gpu)
+    jr = _run("jax_steps", {**base, "peak_flops": args.peak_flops}, args)
+    tr = _run("torch_steps", {**base, "threads": threads, "channels_last": True,
+                              "torch_compile": compile_torch}, args)
+    flops = jr.get("flops_per_step")
+    for r in (jr, tr):
+        r["flops_per_s"] = flops * r["steps_per_s"] if flops and r.get("steps_per_s") else None
+        r["mfu"] = (r["flops_per_s"] / args.peak_flops
+                    if args.peak_flops and r["flops_per_s"] else None)
+    rel = common.ratio(jr.get("images_per_s"), tr.get("images_per_s"))
+    torch_name = ("pytorch " + ("autocast bf16, " if dtype == "bfloat16" else "")
+                  + "channels_last" + (", torch.compile" if compile_torch else ", eager"))
+    rows = [["jaxtrain " + dtype, jr.get("images_per_s"), jr.get("mfu"), rel,
+             common.mib((jr.get("memory") or {}).get("device_peak_bytes")),
+             "error" if "error" in jr else ""],
+            [torch_name, tr.get("images_per_s"), tr.get("mfu"), 1.0 if tr.get("images_per_s")
+             else None, common.mib((tr.get("memory") or {}).get("device_peak_bytes")),
+             "error" if "error" in tr else ""]]
+    common.print_table(
+        f"{base['model']} CIFAR-shape, batch {base['batch_size']}: images/s "
+        f"(MFU against {args.peak_flops or '-'} FLOP/s, model FLOPs from XLA)",
+        ["run", "images/s", "MFU", "ratio_vs_torch", "dev_peak_MiB", ""], rows)
+    return {"jaxtrain": jr, "pytorch": {**tr, "name": torch_name}, "ratio_images_per_s": rel}
+
+
+def parse_args(argv):
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--suites", type=common.str_list, default=list(SUITES))
+    p.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",") if v], default=None,
+                   help="PyTorch CPU thread counts to try (default: 1..cores, doubling)")
+    p.add_argument("--epochs", type=int, default=30, help="digits MLP epochs")
+    p.add_argument("--steps-per-call", type=lambda s: [int(v) for v in s.split(",") if v],
+                   default=[20], help="--steps-per-call values to also run in the mlp suite")
+    p.add_argument("--cnn-batch-size", type=int, default=128)
+    p.add_argument("--cnn-variants", type=lambda s: [v for v in s.split(";") if v], default=None,
+                   help=f"';'-separated subset of {list(CNN_VARIANTS)}")
+    p.add_argument("--resnet-batch-size", type=int, default=None)
+    p.add_argument("--resnet-dtype", default=None)
+    p.add_argument("--resnet-steps", type=int, default=3, help="timed resnet steps on CPU")
+    p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--peak-flops", type=float, default=None)
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=1800)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return common.child_main(child, args.child)
+    if not have_torch():
+        print("error: PyTorch is not installed (pip install torch); it is only needed "
+              "for this benchmark", file=sys.stderr)
+        return 2
+    info = common.machine_info(args.note)
+    cores = info["cpu_cores"]
+    threads = args.threads or sorted({min(2**i, cores) for i in range(cores.bit_length())})
+    if info["platform"] != "cpu":
+        threads = [0]  # the GPU run does not depend on it
+    payload: dict[str, Any] = {"torch_threads_tried": threads}
+    for suite in args.suites:
+        if suite == "mlp":
+            payload["mlp"] = suite_mlp(args, threads)
+        elif suite == "cnn":
+            payload["cnn"] = suite_cnn(args, threads)
+        elif suite == "resnet":
+            payload["resnet"] = suite_resnet(args, threads, info["platform"])
+        else:
+            print(f"error: unknown suite {suite!r}; choose from {SUITES}", file=sys.stderr)
+            return 2
+    common.write_results("torch_peer", args, info, payload)
+    failed = "error" in json.dumps(payload)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
