@@ -32,7 +32,9 @@ from jaxtrain.parallel import Strategy, create_strategy, prefetch
 from jaxtrain.seeds import SeedPlacement, check_seed_strategy, seed_list, stack, vmap_eval, vmap_update
 from jaxtrain.state import TrainState, create_train_state
 from jaxtrain.steps import cross_entropy, eval_step, train_step
-from jaxtrain.writers import JsonlWriter, LogWriter, MetricWriter, MultiWriter
+from jaxtrain.manifest import build_manifest
+from jaxtrain.profiling import StepProfiler
+from jaxtrain.writers import LogWriter, MetricWriter, MultiWriter, create_writers
 
 # Datasets up to this many bytes per split live on the devices (batches are
 # gathered inside the compiled step); larger ones stream from host memory.
@@ -407,30 +409,6 @@ class Progress:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _device_info(strategy: Strategy) -> dict[str, Any]:
-    return {
-        "strategy": strategy.kind,
-        "num_devices": strategy.num_devices,
-        "device_kind": strategy.devices[0].device_kind,
-        "platform": strategy.devices[0].platform,
-        "num_processes": jax.process_count(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # --deterministic adds to it
-        "matmul_precision": str(jax.config.jax_default_matmul_precision),
-    }
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("jaxtrain", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
 def _final_figures(test: dict, val: dict, seeds: list[int]) -> dict[str, Any]:
     """Summary figures; a seed run adds per-seed lists and their statistics."""
     figures = {"num_seeds": len(seeds)}
@@ -512,6 +490,10 @@ def train_and_evaluate(
 
     # --- model, state, checkpoint -----------------------------------------------------
     host_state = build_model_and_state(config, dataset, total_steps)
+    if config.dry_run:  # compile and report only: nothing trained, nothing written
+        return dry_run(config, strategy, dataset, seeds, resident, host_state)
+    profiler = StepProfiler(os.path.join(workdir, "profile"), config.profile_steps,
+                            total_steps=total_steps)
     # Checkpoints are numbered by data position (batches consumed); that equals
     # state.step (optimizer steps, which key per-step randomness) until a rollback.
     base_key = np.asarray(stack([step_key(s) for s in seeds]) if seeded else step_key(config.seed))
@@ -533,20 +515,12 @@ def train_and_evaluate(
     # --- files -----------------------------------------------------------------------
     writers: list[MetricWriter] = []
     if is_main:
-        manifest = {
-            "config": config.to_dict(),
-            "versions": _versions(),
-            "devices": _device_info(strategy),
-            "data": {
-                "name": dataset.name, "num_classes": dataset.num_classes,
-                "image_shape": list(dataset.image_shape), "mean": list(dataset.mean),
-                "std": list(dataset.std), "resident": resident,
-                "sizes": {s: len(getattr(dataset, s)["label"]) for s in ("train", "val", "test")},
-            },
-        }
+        manifest = build_manifest(config, strategy, dataset)
+        manifest["data"]["resident"] = resident
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(manifest, f, indent=2)
-        writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+        writers.extend(create_writers(
+            config, workdir, resume_step=start_step if resumed is not None else None))
     if writer is not None:
         writers.append(writer)
     out = MultiWriter(writers)
@@ -719,7 +693,7 @@ def train_and_evaluate(
         val, val_step = None, None
         t_mark, since_mark = time.perf_counter(), 0
         for x in inputs:
-            state, metrics = call(state, x)
+            state, metrics = profiler.run(step, call, state, x)
             window.append(metrics)
             n = x[0]  # steps in this call (call_plan never crosses an eval or checkpoint step)
             step += n
@@ -768,6 +742,7 @@ def train_and_evaluate(
         ckpt.wait()
     finally:
         guard.restore()
+        profiler.close()
         progress.close()
         ckpt.close()
         out.close()
@@ -790,3 +765,57 @@ def train_and_evaluate(
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+def dry_run(
+    config: TrainConfig, strategy: Strategy, dataset: data_lib.Dataset, seeds: list[int],
+    resident: bool, host_state: TrainState,
+) -> dict[str, Any]:
+    """``--dry-run``: compiles the train step as the loop would (same strategy, seeds,
+    data placement) and prints parameter count, FLOPs per step and memory per device.
+    Trains nothing and writes nothing. Returns the figures."""
+    from jaxtrain.profiling import compiled_stats, format_dry_run, param_bytes, param_count
+
+    update_fn = make_update(config, resident=resident)
+    pid, nproc = jax.process_index(), jax.process_count()
+    rows = slice(pid * config.batch_size // nproc, (pid + 1) * config.batch_size // nproc)
+    n_train = len(dataset.train["label"])
+    idx = np.stack([data_lib.batch_indices(s, 0, n_train, config.batch_size)[rows] for s in seeds])
+    if len(seeds) > 1:
+        placement = SeedPlacement(strategy, config.seed_parallel)
+        put_state, put_batch, put_shared = placement.put_seeds, placement.put_batch, placement.put_shared
+        update = placement.compile(vmap_update(update_fn, resident=resident), donate_argnums=(0,))
+        key = put_state(stack([step_key(s) for s in seeds]))
+    else:
+        idx = idx[0]
+        put_state = put_shared = strategy.replicate
+        put_batch = strategy.shard
+        update = strategy.compile(update_fn, donate_argnums=(0,))
+        key = put_state(step_key(config.seed))
+    state = put_state(host_state)
+    if resident:
+        args = (state, put_shared(dataset.train), put_batch(idx), key)
+    else:
+        args = (state, put_batch({k: v[idx] for k, v in dataset.train.items()}), key)
+    stats = compiled_stats(update.lower(*args).compile())
+    device = strategy.devices[0]
+    memory = (device.memory_stats() or {}) if hasattr(device, "memory_stats") else {}
+    report = {
+        "dry_run": True,
+        "model": config.model,
+        "dataset": dataset.name,
+        "image_shape": list(dataset.image_shape),
+        "global_batch_size": config.batch_size,
+        "num_seeds": len(seeds),
+        "strategy": strategy.kind,
+        "num_devices": strategy.num_devices,
+        "device_kind": device.device_kind,
+        "params": param_count(host_state.params) // len(seeds),
+        "param_bytes": param_bytes(host_state.params) // len(seeds),
+        "flops_per_device": stats["flops"],
+        "flops_per_step": stats["flops"] * strategy.num_devices,
+        "device_memory_bytes": memory.get("bytes_limit"),
+        **{k: v for k, v in stats.items() if k != "flops"},
+    }
+    if pid == 0:
+        print(format_dry_run(report), flush=True)
+    return report

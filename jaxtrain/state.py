@@ -42,7 +42,7 @@ class TrainState(struct.PyTreeNode):
 
 
 def create_train_state(
-    model: nn.Module,
+    model: Any,
     tx: optax.GradientTransformation,
     rng: jax.Array,
     sample_images: jnp.ndarray,
@@ -51,9 +51,19 @@ def create_train_state(
 ) -> TrainState:
     """Initializes params (and BatchNorm statistics) from ``rng``.
 
-    ``sample_images`` only provides shapes ``[B, H, W, C]``; a batch of one is
-    enough. Pure: jit it, or ``jax.eval_shape`` it to get shapes first.
+    ``model`` is a Flax Linen module, a Flax NNX module (its current weights are
+    the initial params) or a ``jaxtrain.nnx_bridge.NNXModel`` (an NNX factory
+    initialized from ``rng``). ``sample_images`` only provides shapes
+    ``[B, H, W, C]``; a batch of one is enough. Pure: jit it, or
+    ``jax.eval_shape`` it to get shapes first.
     """
+    if not isinstance(model, nn.Module):
+        from flax import nnx
+
+        if isinstance(model, nnx.Module):
+            from jaxtrain.nnx_bridge import NNXModel
+
+            model = NNXModel(model)
     variables = model.init({"params": rng}, sample_images, train=False)
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}

@@ -1,17 +1,34 @@
 """Metric writers behind one small protocol; the loop receives them as arguments.
 
 ``JsonlWriter`` is the source of truth (``metrics.jsonl``: one object per line
-with ``step``, ``split`` and metric names). Others mirror it.
+with ``step``, ``split`` and metric names). The others mirror it:
+
+- ``TensorBoardWriter``: event files via tensorboardX (no TensorFlow), tags
+  ``{split}/{metric}`` (``{split}/{metric}/seed_{s}`` for seed runs);
+  ``read_tensorboard`` reads them back without TensorBoard installed.
+- ``LogWriter`` (alias ``ConsoleWriter``): plain lines on a stream.
+- ``WandbWriter`` / ``MlflowWriter``: imported only when asked for; a missing
+  package is a one-line ``WriterError``.
+
+``create_writers(config, workdir)`` builds the list a run asks for.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib
 import json
 import math
 import os
+import struct
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
+
+
+class WriterError(ValueError):
+    """A writer that cannot be created as asked (message is one line)."""
 
 
 class MetricWriter(Protocol):
@@ -23,6 +40,13 @@ class MetricWriter(Protocol):
 def _clean(value: Any) -> Any:
     value = float(value)
     return value if math.isfinite(value) else repr(value)  # JSON has no NaN/Inf
+
+
+def _tagged(split: str, metrics: Mapping[str, Any], sep: str = "/") -> dict[str, float]:
+    """``{split}/{name}`` -> value; a ``seed`` entry (seed runs) suffixes every tag."""
+    seed = metrics.get("seed")
+    suffix = f"{sep}seed_{int(seed)}" if seed is not None else ""
+    return {f"{split}{sep}{k}{suffix}": float(v) for k, v in metrics.items() if k != "seed"}
 
 
 class JsonlWriter:
@@ -55,6 +79,91 @@ class LogWriter:
         pass
 
 
+ConsoleWriter = LogWriter
+
+
+class TensorBoardWriter:
+    """Scalars as TensorBoard event files in ``logdir`` (``tensorboard --logdir DIR``).
+
+    ``config`` (optional, JSON-serializable) is stored once as a text summary
+    so the run's settings show next to its curves. ``purge_step`` (a resumed
+    run's first step) hides what an earlier attempt wrote from that step on,
+    as ``metrics.jsonl`` drops those lines.
+    """
+
+    def __init__(self, logdir: str, *, config: Mapping[str, Any] | None = None,
+                 purge_step: int | None = None, flush_secs: int = 10):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as e:
+            raise WriterError(
+                "TensorBoard output needs tensorboardX: pip install tensorboardX "
+                "(or pass --no-tensorboard)"
+            ) from e
+        os.makedirs(logdir, exist_ok=True)
+        self.logdir = logdir
+        # The suffix keeps a second writer in the same second (a quick resume) from
+        # truncating the first one's file (tensorboardX names files by whole seconds).
+        self._w = SummaryWriter(logdir=logdir, flush_secs=flush_secs, purge_step=purge_step,
+                                filename_suffix=f".{time.time_ns()}")
+        if config is not None and purge_step is None:
+            text = json.dumps(dict(config), indent=2, default=str)
+            self._w.add_text("config", "```\n" + text + "\n```", 0)
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        for tag, value in _tagged(split, metrics).items():
+            self._w.add_scalar(tag, value, int(step))
+
+    def flush(self) -> None:
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
+
+
+def _import_optional(module: str, flag: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise WriterError(f"{flag} needs the {module} package: pip install {module}") from None
+
+
+class WandbWriter:
+    """Weights & Biases: one run, metrics logged as ``{split}/{metric}`` at ``step``."""
+
+    def __init__(self, project: str, *, workdir: str | None = None,
+                 config: Mapping[str, Any] | None = None, name: str | None = None):
+        wandb = _import_optional("wandb", "--wandb-project")
+        self._run = wandb.init(project=project, dir=workdir, name=name,
+                               config=dict(config or {}))
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        self._run.log(_tagged(split, metrics), step=int(step))
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MlflowWriter:
+    """MLflow: one run in ``experiment``; params from ``config``, metrics ``{split}/{metric}``."""
+
+    def __init__(self, experiment: str, *, config: Mapping[str, Any] | None = None,
+                 name: str | None = None):
+        self._mlflow = _import_optional("mlflow", "--mlflow-experiment")
+        self._mlflow.set_experiment(experiment)
+        self._mlflow.start_run(run_name=name)
+        if config:
+            # MLflow params are short strings; nested values are stored as JSON.
+            self._mlflow.log_params({k: v if isinstance(v, (int, float, str, bool)) or v is None
+                                     else json.dumps(v) for k, v in config.items()})
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        self._mlflow.log_metrics(_tagged(split, metrics), step=int(step))
+
+    def close(self) -> None:
+        self._mlflow.end_run()
+
+
 class MultiWriter:
     """Fans out to several writers."""
 
@@ -70,7 +179,106 @@ class MultiWriter:
             w.close()
 
 
+def create_writers(config: Any, workdir: str, *, resume_step: int | None = None
+                   ) -> list[MetricWriter]:
+    """The writers ``config`` asks for: ``metrics.jsonl`` always, TensorBoard under
+    ``workdir/tensorboard`` unless ``config.tensorboard`` is false, W&B when
+    ``config.wandb_project`` is set, MLflow when ``config.mlflow_experiment`` is set.
+    ``resume_step``: the step a resumed run starts from (TensorBoard hides later
+    steps an earlier attempt wrote).
+
+    Optional backends are created first, so a missing package fails before any
+    file is opened."""
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    name = os.path.basename(os.path.normpath(workdir))
+    writers: list[MetricWriter] = []
+    if getattr(config, "wandb_project", ""):
+        writers.append(WandbWriter(config.wandb_project, workdir=workdir, config=cfg, name=name))
+    if getattr(config, "mlflow_experiment", ""):
+        writers.append(MlflowWriter(config.mlflow_experiment, config=cfg, name=name))
+    if getattr(config, "tensorboard", True):
+        writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard"), config=cfg,
+                                         purge_step=resume_step))
+    writers.insert(0, JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+    return writers
+
+
+# ----------------------------------------------------------------------------- reading back
+
+
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """All records of a ``metrics.jsonl`` file."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class Scalar(NamedTuple):
+    step: int
+    tag: str
+    value: float
+    wall_time: float
+
+
+def _records(path: str) -> Iterator[bytes]:
+    """Payloads of a TFRecord file (TensorBoard's event format), CRCs checked.
+
+    A record is ``u64 length, u32 masked_crc(length), data, u32 masked_crc(data)``;
+    a truncated last record (a writer still running) ends the file."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(8)
+            if len(header) < 8:
+                return
+            (length,) = struct.unpack("<Q", header)
+            crc_bytes = f.read(4)
+            data = f.read(length)
+            footer = f.read(4)
+            if len(crc_bytes) < 4 or len(data) < length or len(footer) < 4:
+                return
+            if struct.unpack("<I", crc_bytes)[0] != masked_crc32c(header):
+                raise ValueError(f"{path}: corrupt record header (CRC mismatch)")
+            if struct.unpack("<I", footer)[0] != masked_crc32c(data):
+                raise ValueError(f"{path}: corrupt record data (CRC mismatch)")
+            yield data
+
+
+def read_tensorboard(logdir: str) -> list[Scalar]:
+    """Every scalar in the event files under ``logdir`` (sorted by step, then tag).
+
+    Reads the files directly (tensorboardX's protos + CRC checks), so neither
+    TensorFlow nor TensorBoard is needed. Like TensorBoard, a ``SessionLog.START``
+    at step ``s`` (a resumed run's ``purge_step``) drops what was read before
+    with step >= ``s``; files are read in the order they were written."""
+    from tensorboardX.proto import event_pb2
+
+    out: list[Scalar] = []
+    paths = glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)
+    # file names are events.out.tfevents.<unix time>.<host>...: oldest first
+    paths.sort(key=lambda p: (_file_time(p), p))
+    for path in paths:
+        for data in _records(path):
+            event = event_pb2.Event.FromString(data)
+            if (event.HasField("session_log")
+                    and event.session_log.status == event_pb2.SessionLog.START):
+                out = [s for s in out if s.step < event.step]
+                continue
+            if not event.HasField("summary"):
+                continue
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    value = v.simple_value
+                elif v.HasField("tensor") and v.tensor.float_val:
+                    value = v.tensor.float_val[0]
+                else:
+                    continue  # text, images, ...
+                out.append(Scalar(int(event.step), v.tag, float(value), float(event.wall_time)))
+    return sorted(out, key=lambda s: (s.step, s.tag))
+
+
+def _file_time(path: str) -> int:
+    try:
+        return int(os.path.basename(path).split(".")[3])
+    except (IndexError, ValueError):
+        return 0

@@ -1,0 +1,148 @@
+"""--profile-steps writes a jax.profiler trace of exactly those steps; --dry-run reports
+parameter count, FLOPs and memory of the compiled step (checked against hand counts)
+and writes nothing."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtrain.config import ConfigError, TrainConfig
+from jaxtrain.loop import train_and_evaluate
+from jaxtrain.profiling import StepProfiler, format_dry_run, param_count, parse_profile_steps
+from jaxtrain.writers import read_tensorboard
+
+BASE = TrainConfig(dataset="digits", model="mlp", epochs=1, batch_size=64, lr=2e-3,
+                   progress="none", compilation_cache="", parallel="none")
+
+# Digits MLP: 8x8x1 inputs, hidden (256, 256), 10 classes.
+LAYERS = [(64, 256), (256, 256), (256, 10)]
+PARAMS = sum(i * o + o for i, o in LAYERS)  # 85,002
+
+
+def _traced_steps(logdir: str) -> list[int]:
+    (path,) = glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.trace.json.gz"))
+    events = json.load(gzip.open(path))["traceEvents"]
+    return sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train")
+
+
+@pytest.mark.parametrize("text, want", [("3:5", (3, 5)), ("0:1", (0, 1)), (" 10 : 20 ", (10, 20))])
+def test_parse_profile_steps(text, want):
+    assert parse_profile_steps(text) == want
+
+
+@pytest.mark.parametrize("text", ["5", "5:5", "6:5", "-1:3", "a:b", "1:2:3", ""])
+def test_bad_profile_steps_are_config_errors(text):
+    with pytest.raises(ConfigError, match="--profile-steps"):
+        parse_profile_steps(text)
+    if text:
+        with pytest.raises(ConfigError, match="--profile-steps"):
+            BASE.replace(profile_steps=text).validate()
+
+
+def test_step_profiler_traces_exactly_the_window(tmp_path):
+    f = jax.jit(lambda x: jnp.tanh(x @ x))
+    prof = StepProfiler(str(tmp_path), "2:4", total_steps=6)
+    x = jnp.ones((64, 64))
+    for step in range(6):
+        x = prof.run(step, f, x)
+        assert prof.active == (step in (2,))  # started before step 2, stopped after step 3
+    prof.close()
+    assert prof.traced_steps == [2, 3]
+    assert _traced_steps(str(tmp_path)) == [2, 3]
+
+
+def test_step_profiler_edges(tmp_path):
+    f = jax.jit(lambda x: x + 1)
+    off = StepProfiler(str(tmp_path / "off"), "", total_steps=3)
+    assert off.run(0, f, 1) == 2 and not os.path.exists(tmp_path / "off")
+    with pytest.raises(ConfigError, match="starts after the run's last step"):
+        StepProfiler(str(tmp_path / "x"), "5:9", total_steps=5)
+    short = StepProfiler(str(tmp_path / "short"), "1:100", total_steps=3)
+    for step in range(3):  # the run ends before STOP: close() ends the trace
+        short.run(step, f, 1)
+    assert short.active
+    short.close()
+    assert not short.active and _traced_steps(str(tmp_path / "short")) == [1, 2]
+    fused = StepProfiler(str(tmp_path / "fused"), "3:5", total_steps=6)
+    for step in (0, 2, 4):  # calls of two steps each: [0, 1], [2, 3], [4, 5]
+        fused.run(step, f, 1, n=2)
+        assert fused.active == (step == 2)
+    assert fused.traced_steps == [2, 3, 4, 5]
+    assert _traced_steps(str(tmp_path / "fused")) == [2, 4]  # one annotation per call
+
+
+def test_training_run_with_profile_steps(tmp_path):
+    """The loop traces steps 3 and 4, and still writes metrics and TensorBoard files."""
+    workdir = str(tmp_path / "run")
+    summary = train_and_evaluate(BASE.replace(profile_steps="3:5", log_every=5), workdir)
+    assert summary["steps"] == 20
+    assert _traced_steps(os.path.join(workdir, "profile")) == [3, 4]
+    tb = read_tensorboard(os.path.join(workdir, "tensorboard"))
+    assert {(s.step, s.tag) for s in tb} >= {(5, "train/loss"), (20, "val/accuracy"),
+                                           (20, "test/accuracy")}
+
+
+def _hand_dense_flops(batch: int) -> int:
+    """Dot FLOPs of one fwd+bwd step (2 per multiply-add): forward, weight gradients and
+    input gradients of every layer but the first (the images are not differentiated)."""
+    macs = sum(i * o for i, o in LAYERS)
+    return 2 * batch * (macs + macs + (macs - LAYERS[0][0] * LAYERS[0][1]))
+
+
+def test_dry_run_figures_match_hand_counts(tmp_path, capsys):
+    workdir = tmp_path / "never_created"
+    r = train_and_evaluate(BASE.replace(dry_run=True), str(workdir))
+    assert not workdir.exists()  # nothing written, no checkpoint
+    assert r["params"] == PARAMS == 85_002
+    assert r["param_bytes"] == 4 * PARAMS
+    # XLA counts the dots exactly, plus elementwise work (bias, ReLU, softmax, Adam's
+    # ~10 FLOPs per parameter), a few percent here: at least the dots, at most +25%.
+    dense = _hand_dense_flops(64)
+    assert dense <= r["flops_per_step"] <= 1.25 * dense, r["flops_per_step"] / dense
+    # and the usual 6 * params * batch rule of thumb holds within 20% (the missing
+    # first-layer input gradient makes the dots 7% less than 6PB)
+    assert 0.8 <= r["flops_per_step"] / (6 * PARAMS * 64) <= 1.2
+    # memory: state (params + Adam's two moments) and the device-resident train split
+    # are arguments; the donated state is aliased to the output
+    train_bytes = 1294 * (64 * 4 + 4)
+    assert 3 * 4 * PARAMS + train_bytes <= r["argument_bytes"] <= 3 * 4 * PARAMS + train_bytes + 65536
+    assert r["alias_bytes"] >= 3 * 4 * PARAMS
+    assert r["footprint_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
+                                    + r["temp_bytes"])
+    out = capsys.readouterr().out
+    assert "parameters: 85,002" in out and "FLOPs per step: " in out
+    assert out.strip() == format_dry_run(r)
+
+
+def test_dry_run_over_a_mesh_reports_per_device_work(tmp_path):
+    one = train_and_evaluate(BASE.replace(dry_run=True), str(tmp_path / "a"))
+    mesh = train_and_evaluate(BASE.replace(dry_run=True, parallel="mesh", devices=8),
+                              str(tmp_path / "b"))
+    assert mesh["num_devices"] == 8 and mesh["params"] == one["params"]
+    dense = _hand_dense_flops(64)
+    # the dots split 8 ways; the optimizer update is replicated on every device
+    assert dense / 8 <= mesh["flops_per_device"] <= one["flops_per_device"] / 4
+    assert mesh["flops_per_step"] == 8 * mesh["flops_per_device"]
+
+
+def test_dry_run_cli_exits_zero(tmp_path, capsys):
+    from experiments import digits_mlp
+
+    workdir = tmp_path / "w"
+    code = digits_mlp.main(["--workdir", str(workdir), "--dry-run", "--parallel", "none",
+                            "--compilation-cache", ""])
+    assert code == 0 and not workdir.exists()
+    assert "memory per device:" in capsys.readouterr().out
+
+
+def test_param_count():
+    tree = {"a": np.zeros((3, 4)), "b": {"c": np.zeros(5, np.float16)}}
+    assert param_count(tree) == 17

@@ -1,0 +1,174 @@
+"""Writers: JSONL is the source of truth, TensorBoard event files read back equal it,
+optional backends are imported only when asked for."""
+
+import io
+import math
+import os
+import struct
+import sys
+import types
+
+import pytest
+
+from jaxtrain import writers as W
+from jaxtrain.config import TrainConfig
+
+RECORDS = [
+    (1, "train", {"loss": 2.5, "accuracy": 0.125}),
+    (2, "train", {"loss": 1.75, "accuracy": 0.5}),
+    (2, "val", {"loss": 1.5, "accuracy": 0.625}),
+    (3, "train", {"loss": float("nan"), "accuracy": 0.0}),
+]
+
+
+def _write_all(w):
+    for step, split, m in RECORDS:
+        w.write(step, split, m)
+    w.close()
+
+
+def test_jsonl_round_trip(tmp_path):
+    path = tmp_path / "sub" / "metrics.jsonl"
+    _write_all(W.JsonlWriter(str(path)))
+    got = W.read_jsonl(str(path))
+    assert [(r["step"], r["split"]) for r in got] == [(s, p) for s, p, _ in RECORDS]
+    assert got[1] == {"step": 2, "split": "train", "loss": 1.75, "accuracy": 0.5}
+    assert got[3]["loss"] == "nan"  # JSON has no NaN: stored as its repr
+
+
+def test_tensorboard_event_files_read_back(tmp_path):
+    logdir = str(tmp_path / "tb")
+    _write_all(W.TensorBoardWriter(logdir, config={"lr": 0.1}))
+    scalars = W.read_tensorboard(logdir)
+    got = {(s.step, s.tag): s.value for s in scalars}
+    want = {(st, f"{sp}/{k}"): v for st, sp, m in RECORDS for k, v in m.items()}
+    assert got.keys() == want.keys()
+    for key, v in want.items():
+        if math.isnan(v):
+            assert math.isnan(got[key])
+        else:  # simple_value is float32; these values are exact in float32
+            assert got[key] == v, key
+    assert [s.step for s in scalars] == sorted(s.step for s in scalars)
+
+
+def test_tensorboard_seed_runs_get_one_tag_per_seed(tmp_path):
+    w = W.TensorBoardWriter(str(tmp_path))
+    w.write(5, "val", {"seed": 3, "accuracy": 0.75})
+    w.write(5, "val", {"seed": 4, "accuracy": 0.5})
+    w.close()
+    got = {s.tag: s.value for s in W.read_tensorboard(str(tmp_path))}
+    assert got == {"val/accuracy/seed_3": 0.75, "val/accuracy/seed_4": 0.5}
+
+
+def test_tensorboard_reader_checks_crc(tmp_path):
+    _write_all(W.TensorBoardWriter(str(tmp_path)))
+    (path,) = [os.path.join(tmp_path, f) for f in os.listdir(tmp_path)]
+    raw = bytearray(open(path, "rb").read())
+    # Flip one byte inside the payload of the second record.
+    (first_len,) = struct.unpack("<Q", raw[:8])
+    second = 8 + 4 + first_len + 4
+    raw[second + 12 + 2] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(ValueError, match="CRC"):
+        W.read_tensorboard(str(tmp_path))
+
+
+def test_tensorboard_reader_tolerates_truncated_tail(tmp_path):
+    _write_all(W.TensorBoardWriter(str(tmp_path)))
+    (path,) = [os.path.join(tmp_path, f) for f in os.listdir(tmp_path)]
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:-3])  # a writer killed mid-record
+    got = W.read_tensorboard(str(tmp_path))
+    assert len(got) == sum(len(m) for _, _, m in RECORDS) - 1
+
+
+def test_tensorboard_purge_step_hides_steps_rewritten_by_a_resumed_run(tmp_path):
+    first = W.TensorBoardWriter(str(tmp_path))
+    for step in range(1, 6):
+        first.write(step, "train", {"loss": float(step)})
+    first.close()
+    resumed = W.TensorBoardWriter(str(tmp_path), purge_step=3)  # same second: a new file
+    for step in (3, 4):
+        resumed.write(step, "train", {"loss": 10.0 * step})
+    resumed.close()
+    assert len(os.listdir(tmp_path)) == 2
+    got = [(s.step, s.value) for s in W.read_tensorboard(str(tmp_path))]
+    assert got == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def test_log_writer_lines():
+    buf = io.StringIO()
+    w = W.ConsoleWriter(buf)
+    w.write(7, "val", {"loss": 0.123456, "accuracy": 0.9})
+    assert buf.getvalue() == "step 7 val: loss=0.1235 accuracy=0.9\n"
+
+
+def test_create_writers_default_is_jsonl_plus_tensorboard(tmp_path):
+    ws = W.create_writers(TrainConfig(), str(tmp_path))
+    assert [type(w) for w in ws] == [W.JsonlWriter, W.TensorBoardWriter]
+    out = W.MultiWriter(ws)
+    out.write(1, "train", {"loss": 0.5})
+    out.close()
+    assert W.read_jsonl(str(tmp_path / "metrics.jsonl")) == [
+        {"step": 1, "split": "train", "loss": 0.5}]
+    assert [(s.tag, s.value) for s in W.read_tensorboard(str(tmp_path / "tensorboard"))] == [
+        ("train/loss", 0.5)]
+    no_tb = W.create_writers(TrainConfig(tensorboard=False), str(tmp_path / "b"))
+    assert [type(w) for w in no_tb] == [W.JsonlWriter]
+    no_tb[0].close()
+
+
+@pytest.mark.parametrize("module, field", [("wandb", "wandb_project"),
+                                           ("mlflow", "mlflow_experiment")])
+def test_missing_optional_package_is_one_line_error(tmp_path, monkeypatch, module, field):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    config = TrainConfig(**{field: "proj"})
+    with pytest.raises(W.WriterError) as e:
+        W.create_writers(config, str(tmp_path))
+    assert isinstance(e.value, ValueError)  # the CLI maps it to exit status 2
+    assert str(e.value) == f"--{field.replace('_', '-')} needs the {module} package: pip install {module}"
+    assert not (tmp_path / "metrics.jsonl").exists()  # failed before opening any file
+
+
+def test_optional_packages_not_imported_unless_asked(tmp_path):
+    ws = W.create_writers(TrainConfig(), str(tmp_path))
+    for w in ws:
+        w.close()
+    assert "wandb" not in sys.modules and "mlflow" not in sys.modules
+
+
+def test_wandb_and_mlflow_writers_with_fake_modules(tmp_path, monkeypatch):
+    calls = []
+
+    class Run:
+        def log(self, data, step):
+            calls.append(("wandb.log", data, step))
+
+        def finish(self):
+            calls.append(("wandb.finish",))
+
+    fake_wandb = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("wandb.init", kw["project"], kw["config"]["lr"])) or Run())
+    fake_mlflow = types.SimpleNamespace(
+        set_experiment=lambda name: calls.append(("mlflow.experiment", name)),
+        start_run=lambda run_name: calls.append(("mlflow.start", run_name)),
+        log_params=lambda p: calls.append(("mlflow.params", p["lr"], p["synthetic_shape"])),
+        log_metrics=lambda m, step: calls.append(("mlflow.log", m, step)),
+        end_run=lambda: calls.append(("mlflow.end",)),
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", fake_mlflow)
+    config = TrainConfig(lr=0.25, wandb_project="p", mlflow_experiment="e", tensorboard=False)
+    out = W.MultiWriter(W.create_writers(config, str(tmp_path / "run1")))
+    out.write(4, "val", {"seed": 1, "loss": 0.5})
+    out.close()
+    assert calls == [
+        ("wandb.init", "p", 0.25),
+        ("mlflow.experiment", "e"),
+        ("mlflow.start", "run1"),
+        ("mlflow.params", 0.25, "[28, 28, 1]"),
+        ("wandb.log", {"val/loss/seed_1": 0.5}, 4),
+        ("mlflow.log", {"val/loss/seed_1": 0.5}, 4),
+        ("wandb.finish",),
+        ("mlflow.end",),
+    ]
