@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtrain import data as data_lib
+from jaxtrain import distributed
 from jaxtrain.checkpoint import (
     Checkpointer, Restored, checkpoint_dir, first_nonfinite, set_aside, snapshot, state_tree,
 )
@@ -452,9 +453,11 @@ def train_and_evaluate(
     workdir = os.path.abspath(workdir or config.workdir)
     config = config.replace(workdir=workdir)
     check_paths(config)  # read-only: a bad --workdir fails before anything is written
-    is_main = jax.process_index() == 0
 
     # --- devices ---------------------------------------------------------------------
+    # Joins a multi-process run (flags or SLURM / Open MPI) before anything touches a device.
+    distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+    is_main = jax.process_index() == 0
     strategy = create_strategy(config.parallel, config.devices)
     strategy.check_batch_size(config.batch_size)
     seeds = seed_list(config.seed, config.num_seeds)
@@ -498,6 +501,8 @@ def train_and_evaluate(
     # state.step (optimizer steps, which key per-step randomness) until a rollback.
     base_key = np.asarray(stack([step_key(s) for s in seeds]) if seeded else step_key(config.seed))
     resumed = resume_point(config, workdir, {**state_tree(host_state), "rng": base_key})
+    # Every process has looked for checkpoints before any creates the folder below.
+    distributed.sync("jaxtrain:resume-point")
     start_step, resumed_meta = 0, {}
     if resumed is not None:
         host_state = host_state.replace(**{k: v for k, v in resumed.tree.items() if k != "rng"})
