@@ -128,7 +128,8 @@ class TrainConfig:
         for name in non_negative:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
-                raise ConfigError(f"{_flag(name)} must be finite and >= 0, got {value}")
+                finite = "finite and " if isinstance(value, float) else ""
+                raise ConfigError(f"{_flag(name)} must be {finite}>= 0, got {value}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be finite and > 0, got {self.lr}")
         for name in ("dropout", "label_smoothing", "momentum", "val_fraction"):

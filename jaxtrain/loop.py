@@ -464,6 +464,9 @@ def train_and_evaluate(
     seeded = len(seeds) > 1
     if seeded:
         check_seed_strategy(strategy, len(seeds), config.seed_parallel)
+    if config.steps_per_call > 1 and strategy.kind != "none":
+        raise ConfigError(f"--steps-per-call {config.steps_per_call} needs one device "
+                          f"(--parallel none or --devices 1), not --parallel {strategy.kind}")
     eval_batch = -(-config.eval_batch_size // strategy.shards) * strategy.shards
 
     # --- data ------------------------------------------------------------------------
@@ -550,9 +553,6 @@ def train_and_evaluate(
         key = put_state(base_key)
     fused = update  # --steps-per-call: K steps in one lax.scan, single steps at boundaries
     if config.steps_per_call > 1:
-        if strategy.kind != "none":
-            raise ConfigError(f"--steps-per-call {config.steps_per_call} needs one device "
-                              f"(--parallel none or --devices 1), not --parallel {strategy.kind}")
         fused = strategy.compile(fuse_steps(update_fn, config.steps_per_call, resident=resident),
                                  donate_argnums=(0,))
     chunks = call_plan(start_step, total_steps, config.steps_per_call,
