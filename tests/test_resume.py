@@ -1,0 +1,350 @@
+"""Exact resume: preemption, SIGKILL, damaged checkpoints, wrong config, other device counts.
+
+The reference is an uninterrupted run with the same seed; an interrupted and
+resumed run must end with bitwise-equal params and the same ``metrics.jsonl``.
+Digits MLP, 3 epochs of 20 steps, a checkpoint every 10 steps (plus one after
+every validation, for the best-checkpoint policy).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import digits_mlp
+from jaxtrain.checkpoint import DAMAGED_DIR, Checkpointer, load_params
+from jaxtrain.loop import Preempted, train_and_evaluate
+from jaxtrain.models import MLP, MODELS
+from jaxtrain.writers import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+# Compiled programs persist across the runs of this file (and its subprocesses): same
+# executables, same results, much less time. A runtime field: resume may differ in it.
+CACHE = os.path.join(tempfile.gettempdir(), "jaxtrain-tests-xla-cache")
+TOTAL_STEPS = 60  # 3 epochs x (1294 train examples // 64)
+BASE = digits_mlp.DEFAULTS.replace(
+    epochs=3, checkpoint_every=10, log_every=1, progress="none", compilation_cache=CACHE,
+    tensorboard=False, parallel="none",
+)
+# The same run on the command line (fields that change results must match BASE).
+ARGS = ["--epochs", "3", "--checkpoint-every", "10", "--log-every", "1", "--progress", "log",
+        "--compilation-cache", CACHE, "--no-tensorboard"]
+
+
+def _params_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+        for x, y in zip(la, lb)
+    )
+
+
+def _records(workdir) -> list[dict]:
+    return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(parallel: str, root: str) -> tuple:
+    """The uninterrupted run: final params and metrics records (and its workdir)."""
+    workdir = os.path.join(root, f"reference-{parallel}")
+    train_and_evaluate(BASE.replace(parallel=parallel), workdir)
+    return load_params(workdir), _records(workdir), workdir
+
+
+def _reference_dir(ref: tuple) -> str:
+    return ref[2]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("reference"))
+    return lambda parallel="none": _reference(parallel, root)
+
+
+class SignalAt:
+    """A metric writer that sends ``signum`` to this process once ``step`` is logged."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        self.step, self.signum, self.sent = step, signum, False
+
+    def write(self, step, split, metrics) -> None:
+        if split == "train" and step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def close(self) -> None:
+        pass
+
+
+def _tree_snapshot(root) -> dict[str, tuple]:
+    """Every file under ``root`` with size, mtime and content hash."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            st = os.stat(path)
+            out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns, digest)
+    return out
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+@pytest.mark.parametrize("signum,status", [
+    (signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),
+], ids=["SIGTERM", "SIGINT"])
+def test_preempted_run_saves_exits_and_resumes_exactly(tmp_path, reference, signum, status):
+    ref_params, ref_records, _ = reference()
+    workdir = str(tmp_path / "run")
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(Preempted) as stopped:
+        train_and_evaluate(BASE, workdir, writer=SignalAt(17, signum))
+    assert stopped.value.code == status and stopped.value.step == 17
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
+    reader = Checkpointer(workdir, read_only=True)
+    assert reader.latest_step() == 17  # saved at the step boundary where it stopped
+    assert reader.read_meta(17)["index_in_epoch"] == 17
+    reader.close()
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+    summary = train_and_evaluate(BASE, workdir)
+    assert summary["resumed_from_step"] == 17 and summary["steps"] == TOTAL_STEPS
+    assert _params_equal(load_params(workdir), ref_params)
+    assert _records(workdir) == ref_records  # later records of the stopped run were redone
+
+
+def test_checkpoint_holds_data_position_rng_and_config(tmp_path, reference):
+    reference()
+    workdir = str(tmp_path / "run")
+    with pytest.raises(Preempted):
+        train_and_evaluate(BASE, workdir, writer=SignalAt(30))
+    reader = Checkpointer(workdir, read_only=True)
+    tree, meta = reader.restore(30)
+    reader.close()
+    assert (meta["step"], meta["epoch"], meta["index_in_epoch"]) == (30, 1, 10)
+    assert int(tree["step"]) == 30
+    assert np.array_equal(tree["rng"], np.asarray(jax.random.fold_in(jax.random.PRNGKey(0),
+                                                                     0x57E9)))
+    assert meta["config"]["lr"] == BASE.lr and meta["config"]["seed"] == BASE.seed
+    assert set(tree) == {"step", "params", "model_state", "opt_state", "rng"}
+
+
+def test_damaged_latest_checkpoint_falls_back_and_finishes_exactly(tmp_path, reference, capfd):
+    ref_params, ref_records, _ = reference()
+    workdir = str(tmp_path / "run")
+    shutil.copytree(_reference_dir(reference()), workdir)  # a finished run, to damage
+    reader = Checkpointer(workdir, read_only=True)
+    steps = reader.all_steps()
+    reader.close()
+    latest, previous = steps[-1], steps[-2]
+    assert latest == TOTAL_STEPS
+    data = sorted(Path(workdir, "checkpoints", str(latest)).rglob("d/*"),
+                  key=lambda p: p.stat().st_size)
+    os.truncate(data[-1], data[-1].stat().st_size // 3)
+    capfd.readouterr()
+
+    summary = train_and_evaluate(BASE, workdir)
+    err = capfd.readouterr().err
+    assert re.search(rf"checkpoint, step {latest}, is damaged .*falling back to step {previous}",
+                     err), err
+    assert summary["resumed_from_step"] == previous
+    assert os.path.isdir(os.path.join(workdir, DAMAGED_DIR, str(latest)))
+    assert _params_equal(load_params(workdir), ref_params)
+    assert _records(workdir) == ref_records
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    status = digits_mlp.main(argv)
+    return status, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished run on disk (1 epoch) for the refusal tests."""
+    workdir = str(tmp_path_factory.mktemp("finished") / "run")
+    train_and_evaluate(BASE.replace(epochs=1), workdir)
+    return workdir
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "0.01"], r"--lr was 0\.002, now 0\.01"),
+    (["--epochs", "2"], r"--epochs was 1, now 2"),
+    (["--label-smoothing", "0.1"], r"--label-smoothing was 0\.0, now 0\.1"),
+    (["--resume", "never"], r"--resume never, but .* already holds checkpoints"),
+])
+def test_wrong_config_is_refused_in_one_line_touching_nothing(finished, capsys, flags, message):
+    before = _tree_snapshot(finished)
+    argv = ["--workdir", finished, "--epochs", "1", "--progress", "none",
+            "--compilation-cache", CACHE, "--no-tensorboard", "--parallel", "none", *flags]
+    status, err = _cli(argv, capsys)
+    assert status == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
+    assert _tree_snapshot(finished) == before
+
+
+def test_wrong_model_names_the_first_mismatching_parameter(finished, capsys, monkeypatch):
+    before = _tree_snapshot(finished)
+    monkeypatch.setitem(MODELS, "mlp", functools.partial(MLP, hidden=(128, 256)))
+    argv = ["--workdir", finished, "--epochs", "1", "--progress", "none",
+            "--compilation-cache", CACHE, "--no-tensorboard", "--parallel", "none"]
+    status, err = _cli(argv, capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert re.search(r"does not fit this model: params/Dense_0/bias is float32\[256\] there, "
+                     r"float32\[128\] here", err), err
+    assert _tree_snapshot(finished) == before
+
+
+def test_resume_must_without_checkpoints_is_refused(tmp_path, capsys):
+    status, err = _cli(["--workdir", str(tmp_path / "new"), "--resume", "must", "--progress",
+                        "none", "--no-tensorboard"], capsys)
+    assert status == 2 and "--resume must, but" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "new" / "checkpoints")
+
+
+def test_runtime_fields_may_change_on_resume(tmp_path, reference):
+    """Device strategy, cadence and the non-finite policy may differ in a resumed run."""
+    ref_params, _, _ = reference()
+    workdir = str(tmp_path / "run")
+    with pytest.raises(Preempted):
+        train_and_evaluate(BASE, workdir, writer=SignalAt(25))
+    changed = BASE.replace(checkpoint_every=7, keep_checkpoints=1, log_every=5,
+                           on_nonfinite="skip", best_metric="val_loss")
+    train_and_evaluate(changed, workdir)
+    assert _params_equal(load_params(workdir), ref_params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved,resumed", [("pmap", "mesh4"), ("none", "pmap")])
+def test_resume_on_another_device_count(tmp_path, reference, saved, resumed):
+    """Saved with 8-device pmap, finished on a 4-device mesh (and 1 device -> pmap):
+    the same run within float tolerance (reductions are ordered differently)."""
+    ref_params, ref_records, _ = reference()
+    workdir = str(tmp_path / "run")
+    with pytest.raises(Preempted):
+        train_and_evaluate(BASE.replace(parallel=saved), workdir, writer=SignalAt(20))
+    devices = 4 if resumed == "mesh4" else 0
+    train_and_evaluate(BASE.replace(parallel=resumed.rstrip("4"), devices=devices), workdir)
+    for a, b in zip(jax.tree.leaves(load_params(workdir)), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    final = [r for r in _records(workdir) if r["split"] == "test"]
+    expected = [r for r in ref_records if r["split"] == "test"]
+    assert abs(final[0]["accuracy"] - expected[0]["accuracy"]) <= 2 / 360
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+
+def _spawn(workdir: str, devices: int, *flags: str, stderr_path: str) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    cmd = [sys.executable, "-m", "experiments.digits_mlp", "--workdir", workdir, *ARGS, *flags]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=open(stderr_path, "w"))
+
+
+def _run_until(proc: subprocess.Popen, step: int, timeout: float = 300.0) -> int:
+    """Reads the child's log until it reports train step >= ``step``; returns that step."""
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        m = re.match(r"step (\d+) train", line)
+        if m and int(m.group(1)) >= step:
+            return int(m.group(1))
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    pytest.fail(f"the child never reached step {step} (exit status {proc.wait()})")
+
+
+def _sigkill_case(tmp_path, reference, devices: int, parallel: str, kill_after: int) -> None:
+    ref_params, ref_records, _ = reference(parallel)
+    workdir = str(tmp_path / "run")
+    proc = _spawn(workdir, devices, "--parallel", parallel, stderr_path=str(tmp_path / "err"))
+    _run_until(proc, kill_after)
+    proc.kill()  # SIGKILL: no handler, no cleanup, possibly mid-save
+    assert proc.wait() == -signal.SIGKILL
+    proc.stdout.close()
+    assert not os.path.exists(os.path.join(workdir, "summary.json")), "finished before the kill"
+    reader = Checkpointer(workdir, read_only=True)
+    latest = reader.latest_step()
+    reader.close()
+    assert latest is not None and 10 <= latest < TOTAL_STEPS
+
+    summary = train_and_evaluate(BASE.replace(parallel=parallel), workdir)
+    assert summary["resumed_from_step"] == latest
+    assert _params_equal(load_params(workdir), ref_params)
+    assert _records(workdir) == ref_records
+
+
+def test_sigkill_then_resume_is_bitwise_exact_one_device(tmp_path, reference):
+    _sigkill_case(tmp_path, reference, devices=1, parallel="none", kill_after=23)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_exact_eight_devices(tmp_path, reference):
+    _sigkill_case(tmp_path, reference, devices=8, parallel="mesh", kill_after=37)
+
+
+@pytest.mark.slow
+def test_sigterm_subprocess_exits_nonzero_with_checkpoint_and_resumes(tmp_path, reference):
+    ref_params, ref_records, _ = reference()
+    workdir = str(tmp_path / "run")
+    err_path = str(tmp_path / "err")
+    proc = _spawn(workdir, 1, "--parallel", "none", stderr_path=err_path)
+    _run_until(proc, 15)
+    proc.send_signal(signal.SIGTERM)
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == 143
+    err = Path(err_path).read_text()
+    m = re.search(r"preempted by SIGTERM at step (\d+): checkpoint saved in (\S+); rerun", err)
+    assert m, err
+    stopped = int(m.group(1))
+    assert "received SIGTERM" in err and "Traceback" not in err
+    reader = Checkpointer(workdir, read_only=True)
+    assert reader.latest_step() == stopped >= 15
+    reader.close()
+    proc = _spawn(workdir, 1, "--parallel", "none", stderr_path=err_path)
+    proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, Path(err_path).read_text()
+    assert _params_equal(load_params(workdir), ref_params)
+    assert _records(workdir) == ref_records
+
+
+GUARD_SCRIPT = """
+import sys, time
+from jaxtrain.loop import PreemptionGuard
+guard = PreemptionGuard().install()
+print("ready", flush=True)
+while guard.signum is None:
+    time.sleep(0.01)
+print("first", flush=True)
+time.sleep(120)  # a long save: the second signal must not wait for it
+"""
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", GUARD_SCRIPT], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline().strip() == "first"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+    assert time.monotonic() - t0 < 10
+    assert "send it again to exit at once" in proc.stderr.read()
