@@ -593,7 +593,6 @@ def train_and_evaluate(
     eval_every = config.eval_every or per_epoch
     window: list[dict[str, jax.Array]] = []
     skipped_in_a_row = int(resumed_meta.get("skipped_in_a_row", 0))
-    rollback_to, rollbacks = resumed_meta.get("rollback_to"), int(resumed_meta.get("rollbacks", 0))
     initial = {**state_tree(host_state), "rng": base_key}  # rollback target before any checkpoint
     steady_time, steady_steps, t_first = 0.0, 0, None
 
@@ -614,8 +613,7 @@ def train_and_evaluate(
         if not np.all(get(finite)):
             return False
         meta = {"config": config.to_dict(), "step": step, "epoch": step // per_epoch,
-                "index_in_epoch": step % per_epoch, "skipped_in_a_row": skipped_in_a_row,
-                "rollback_to": rollback_to, "rollbacks": rollbacks}
+                "index_in_epoch": step % per_epoch, "skipped_in_a_row": skipped_in_a_row}
         metrics = {f"val_{k}": float(np.mean(v)) for k, v in (val or {}).items()}
         ckpt.save(step, lambda: get(copy), meta, metrics=metrics)
         return True
@@ -636,25 +634,19 @@ def train_and_evaluate(
 
     def rollback(bad: int, step: int):
         """``--on-nonfinite rollback``: the last checkpoint's state (the initial one before
-        any), placed on devices; the data position stays at ``step``."""
-        nonlocal rollback_to, rollbacks, skipped_in_a_row
+        any), placed on devices; the data position stays at ``step``. The optimizer step
+        goes back with the state, so later checkpoints are numbered ahead of it."""
         found = ckpt.restore_latest(initial)
         source, tree = (found.step, found.tree) if found is not None else (start_step, initial)
-        rollbacks = rollbacks + 1 if source == rollback_to else 1
-        rollback_to, skipped_in_a_row = source, 0
-        if rollbacks > config.max_skipped:
-            raise NonFiniteError(
-                f"non-finite again at step {bad} after {config.max_skipped} rollbacks to the "
-                f"checkpoint of step {source}; stopping (try a lower --lr or --clip-norm)"
-            )
         print(f"warning: non-finite loss or gradient at step {bad}: rolled back to the checkpoint "
               f"of step {source}, continuing with the batch of step {step + 1}",
               file=sys.stderr, flush=True)
         return put_state(host_state.replace(**{k: v for k, v in tree.items() if k != "rng"}))
 
     def flush_window(step: int) -> int | None:
-        """Writes the window's mean train metrics and applies ``--on-nonfinite`` raise/skip.
-        Returns the window's first non-finite step (1-based), if any."""
+        """Writes the window's mean train metrics and applies ``--on-nonfinite``: raise, or
+        stop after ``max_skipped`` consecutive non-finite steps (skip and rollback; a
+        rollback does not reset the count). Returns the first non-finite step, if any."""
         nonlocal skipped_in_a_row
         host = [h for m in window for h in unstack_steps(get(m), seeded)]
         window.clear()
@@ -666,10 +658,10 @@ def train_and_evaluate(
                 if config.on_nonfinite == "raise":
                     raise NonFiniteError(nonfinite_message(bad, m))
                 skipped_in_a_row += 1
-                if config.on_nonfinite == "skip" and skipped_in_a_row >= config.max_skipped:
+                if skipped_in_a_row >= config.max_skipped:
                     raise NonFiniteError(
-                        f"{skipped_in_a_row} consecutive non-finite steps up to step {bad}; "
-                        "stopping (--max-skipped)"
+                        f"{skipped_in_a_row} consecutive non-finite steps up to step {bad} "
+                        f"(--on-nonfinite {config.on_nonfinite}); stopping (--max-skipped)"
                     )
             else:
                 skipped_in_a_row = 0
