@@ -405,3 +405,31 @@ def load_params(workdir: str, step: int | None = None) -> PyTree:
         return tree["params"]
     finally:
         ckpt.close()
+
+
+def load_variables(workdir: str, step: int | None = None) -> PyTree:
+    """The model variables of a run's checkpoint, ``{"params": ..., **model_state}`` (e.g.
+    ``batch_stats``), as host numpy arrays ready for ``model.apply``.
+
+    Picks the checkpoint as ``load_params`` does; for a multi-seed run every leaf has a
+    leading seed axis. (Used by the robustness suite.)
+    """
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        if step is None:
+            found = ckpt.restore_latest()
+            if found is None:
+                raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+            for bad, reason in found.damaged:
+                warnings.warn(f"skipped damaged checkpoint at step {bad} ({reason}); "
+                              f"using step {found.step}", stacklevel=2)
+            tree = found.tree
+        else:
+            if step not in ckpt.all_steps():
+                raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt.directory}")
+            tree, _ = ckpt.restore(step)
+    finally:
+        ckpt.close()
+    return {"params": tree["params"], **(tree.get("model_state") or {})}
