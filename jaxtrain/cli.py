@@ -115,7 +115,7 @@ def run(
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (every failure gets an exit status)
         status = exit_status(e)
         if status is None:
             traceback.print_exc()

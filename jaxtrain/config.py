@@ -287,9 +287,9 @@ def check_paths(config: TrainConfig, workdir: str | None = None) -> None:
             check_writable_dir(config.compilation_cache, "--compilation-cache")
         except ConfigError as e:
             raise ConfigError(f"{e} (pass --compilation-cache '' to run without it)") from None
-    if config.data_dir is not None and config.dataset not in BUILTIN_DATASETS:
-        if not os.path.isdir(os.path.expanduser(config.data_dir)):
-            raise ConfigError(f"--data-dir {config.data_dir} is not a directory")
+    tfds_dir = config.data_dir is not None and config.dataset not in BUILTIN_DATASETS
+    if tfds_dir and not os.path.isdir(os.path.expanduser(config.data_dir)):
+        raise ConfigError(f"--data-dir {config.data_dir} is not a directory")
 
 
 def check_model_input(
@@ -306,7 +306,7 @@ def check_model_input(
         logits, _ = jax.eval_shape(
             lambda x: model.init_with_output(jax.random.PRNGKey(0), x, train=False), images
         )
-    except Exception as e:  # whatever the model raises on this shape
+    except Exception as e:  # noqa: BLE001  (whatever the model raises on this shape)
         first = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError(
             f"--model {name} cannot take {shape} images of this dataset "

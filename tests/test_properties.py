@@ -44,7 +44,7 @@ def _images(shape, seed) -> np.ndarray:
 def test_holdout_partitions_rows_deterministically(n, fraction):
     split = _split(n)
     keep, out = data_lib._holdout(split, fraction)
-    n_out = int(round(n * fraction))
+    n_out = round(n * fraction)
     assert (len(keep["label"]), len(out["label"])) == (n - n_out, n_out)
     both = np.concatenate([keep["label"], out["label"]])
     assert np.array_equal(np.sort(both), np.arange(n))  # disjoint, nothing lost
