@@ -12,7 +12,7 @@ import pytest
 
 from jaxtrain.models import create_model
 from jaxtrain.optim import create_optimizer, create_schedule
-from jaxtrain.state import TrainState, create_train_state
+from jaxtrain.state import create_train_state
 from jaxtrain.steps import cross_entropy, eval_step, train_step
 
 K = 5
@@ -27,7 +27,7 @@ def make_batch(n=16, shape=(8, 8, 1), seed=0):
     return {"image": images, "label": labels}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def initializer(model="mlp", optimizer="adam", lr=1e-2, shape=(8, 8, 1), dropout=0.0,
                 hidden=None, schedule=None):
     """A compiled ``key -> TrainState``. States from one initializer share their static
