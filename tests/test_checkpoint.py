@@ -359,3 +359,11 @@ def test_restore_onto_another_device_count(tmp_path, saved, restored):
     _, _, reference = _train("none", 1, resumed, steps=1)
     for a, b in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(reference["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path):
+    from benchmarks import checkpoint as bench
+
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert os.path.exists(tmp_path / "checkpoint-cpu-smoke.json")

@@ -229,6 +229,24 @@ def test_runtime_fields_may_change_on_resume(tmp_path, reference):
 
 
 @pytest.mark.slow
+def test_seed_run_resumes_exactly(tmp_path):
+    """A vmapped 2-seed run: every leaf and the RNG keys carry the seed axis."""
+    config = BASE.replace(num_seeds=2, epochs=2)
+    reference_dir = str(tmp_path / "reference")
+    train_and_evaluate(config, reference_dir)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(Preempted):
+        train_and_evaluate(config, workdir, writer=SignalAt(13))
+    reader = Checkpointer(workdir, read_only=True)
+    tree, _ = reader.restore(13)
+    reader.close()
+    assert tree["rng"].shape == (2, 2)
+    train_and_evaluate(config, workdir)
+    assert _params_equal(load_params(workdir), load_params(reference_dir))
+    assert _records(workdir) == _records(reference_dir)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("saved,resumed", [("pmap", "mesh4"), ("none", "pmap")])
 def test_resume_on_another_device_count(tmp_path, reference, saved, resumed):
     """Saved with 8-device pmap, finished on a 4-device mesh (and 1 device -> pmap):
