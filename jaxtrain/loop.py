@@ -699,7 +699,7 @@ def train_and_evaluate(
         val, val_step = None, None
         t_mark, since_mark = time.perf_counter(), 0
         for x in inputs:
-            state, metrics = profiler.run(step, call, state, x)
+            state, metrics = profiler.run(step, call, state, x, n=x[0])
             window.append(metrics)
             n = x[0]  # steps in this call (call_plan never crosses an eval or checkpoint step)
             step += n
@@ -771,6 +771,7 @@ def train_and_evaluate(
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
 
 def dry_run(
     config: TrainConfig, strategy: Strategy, dataset: data_lib.Dataset, seeds: list[int],

@@ -91,7 +91,8 @@ def device_info(strategy: Any = None) -> dict[str, Any]:
 
 def _git(args: list[str], cwd: str) -> str | None:
     try:
-        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                              check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
@@ -130,7 +131,9 @@ def split_fingerprint(split: dict[str, np.ndarray], n: int = FINGERPRINT_EXAMPLE
     return h.hexdigest()
 
 
-def data_fingerprint(dataset: Any, config: Any = None, n: int = FINGERPRINT_EXAMPLES) -> dict[str, Any]:
+def data_fingerprint(
+    dataset: Any, config: Any = None, n: int = FINGERPRINT_EXAMPLES
+) -> dict[str, Any]:
     """Where the data came from and a hash of the first ``n`` examples of each split,
     so two runs can be checked to have seen the same data."""
     name = dataset.name
@@ -149,7 +152,7 @@ def data_fingerprint(dataset: Any, config: Any = None, n: int = FINGERPRINT_EXAM
         "image_shape": list(dataset.image_shape),
         "mean": [float(m) for m in dataset.mean],
         "std": [float(s) for s in dataset.std],
-        "sizes": {s: int(len(getattr(dataset, s)["label"])) for s in splits},
+        "sizes": {s: len(getattr(dataset, s)["label"]) for s in splits},
         "fingerprint_examples": n,
         "fingerprint": {s: split_fingerprint(getattr(dataset, s), n) for s in splits},
     }
@@ -168,7 +171,7 @@ def build_manifest(config: Any, strategy: Any = None, dataset: Any = None) -> di
         "git": git_manifest(),
         "host": {"hostname": socket.gethostname(), "platform": platform.platform(),
                  "python": sys.version.split()[0]},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     if dataset is not None:
         manifest["data"] = data_fingerprint(dataset, config)

@@ -70,7 +70,8 @@ def _from_pure(template: Any, pure: Mapping[str, Any]) -> Any:
             for k in path:
                 node = node[str(k)]
         except (KeyError, TypeError):
-            raise ValueError(f"variables lack {'/'.join(map(str, path))} of the NNX module") from None
+            where = "/".join(map(str, path))
+            raise ValueError(f"variables lack {where} of the NNX module") from None
         flat.append((path, var.replace(node)))
     return nnx.from_flat_state(flat)
 
@@ -100,10 +101,12 @@ class NNXModel:
             self._module, self._factory = None, module
             abstract = nnx.eval_shape(lambda: module(nnx.Rngs(0)))
         else:
-            raise TypeError(f"expected an nnx.Module or a factory rngs -> nnx.Module, got {module!r}")
+            raise TypeError(
+                f"expected an nnx.Module or a factory rngs -> nnx.Module, got {module!r}")
         graphdef, params, rng, rest = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
         self.graphdef = graphdef
-        self._params_t, self._rng_t, self._rest_t = _abstract(params), _abstract(rng), _abstract(rest)
+        self._params_t, self._rng_t = _abstract(params), _abstract(rng)
+        self._rest_t = _abstract(rest)
         self._streams = sorted({v.tag for _, v in nnx.to_flat_state(rng)
                                 if isinstance(v, nnx.RngKey)})
         self._train_kwarg = _takes_train(abstract)
@@ -177,7 +180,8 @@ class NNXModel:
         return out, new
 
     def __repr__(self) -> str:
-        return f"NNXModel({type(self._module).__name__ if self._module is not None else self._factory})"
+        inner = type(self._module).__name__ if self._module is not None else self._factory
+        return f"NNXModel({inner})"
 
 
 def _typed_key(key: jax.Array) -> jax.Array:

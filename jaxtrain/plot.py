@@ -51,7 +51,8 @@ def load_curves(run: str) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]
 
     Repeated steps (a resumed run rewrites the steps after its checkpoint) keep
     the last value written."""
-    table: dict[tuple[str, str], dict[int, dict[Any, float]]] = defaultdict(lambda: defaultdict(dict))
+    table: dict[tuple[str, str], dict[int, dict[Any, float]]] = defaultdict(
+        lambda: defaultdict(dict))
     for rec in read_jsonl(metrics_path(run)):
         split, step, seed = rec.get("split"), rec.get("step"), rec.get("seed")
         if split is None or step is None:
@@ -159,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("runs", nargs="+", metavar="RUN", help="workdir or metrics.jsonl")
     parser.add_argument("--out", default=None,
-                        help="PNG path (default: RUN/curves.png for one run, ./curves.png for several)")
+                        help="PNG path (default: RUN/curves.png for one run, "
+                             "./curves.png for several)")
     parser.add_argument("--metrics", nargs="+", default=["loss", "accuracy"],
                         help="metric names, one panel each (default: loss accuracy)")
     parser.add_argument("--labels", nargs="+", default=None, help="legend names, one per run")

@@ -119,7 +119,8 @@ def compiled_stats(compiled: Any) -> dict[str, float]:
     mem = compiled.memory_analysis()
     names = ("argument", "output", "alias", "temp", "generated_code")
     for name in names:
-        out[f"{name}_bytes"] = float(getattr(mem, f"{name}_size_in_bytes", np.nan)) if mem else np.nan
+        value = getattr(mem, f"{name}_size_in_bytes", np.nan) if mem is not None else np.nan
+        out[f"{name}_bytes"] = float(value)
     out["footprint_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
                               + out["temp_bytes"])
     return out
@@ -143,11 +144,11 @@ def format_dry_run(report: dict[str, Any]) -> str:
         f"{r['global_batch_size']}, {r['strategy']} over {r['num_devices']} x {r['device_kind']}"
         + (f", {r['num_seeds']} seeds" if r.get("num_seeds", 1) > 1 else ""),
         f"parameters: {r['params']:,} ({_size(r['param_bytes'])})",
-        f"FLOPs per step: {r['flops_per_step']:.4g} ({r['flops_per_device']:.4g} per device, "
-        "XLA cost analysis of the compiled step)",
-        f"memory per device: {_size(r['footprint_bytes'])} (arguments "
-        f"{_size(r['argument_bytes'])} + outputs {_size(r['output_bytes'])} - donated "
-        f"{_size(r['alias_bytes'])} + temporaries {_size(r['temp_bytes'])})",
+        (f"FLOPs per step: {r['flops_per_step']:.4g} ({r['flops_per_device']:.4g} per device, "
+         "XLA cost analysis of the compiled step)"),
+        (f"memory per device: {_size(r['footprint_bytes'])} (arguments "
+         f"{_size(r['argument_bytes'])} + outputs {_size(r['output_bytes'])} - donated "
+         f"{_size(r['alias_bytes'])} + temporaries {_size(r['temp_bytes'])})"),
     ]
     if r.get("device_memory_bytes"):
         share = r["footprint_bytes"] / r["device_memory_bytes"]

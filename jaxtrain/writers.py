@@ -54,7 +54,7 @@ class JsonlWriter:
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         record = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}

@@ -4,6 +4,7 @@ weights, trained end to end on digits, custom losses, seeds, pmap BatchNorm."""
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,8 @@ class NNXMLP(nnx.Module):
     def __init__(self, hidden: tuple[int, ...], num_classes: int, *, rngs: nnx.Rngs,
                  in_features: int = 64):
         sizes = (in_features, *hidden)
-        self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
+        self.hidden = nnx.List(
+            [nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
         self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
 
     def __call__(self, x_BHWC):
@@ -97,7 +99,8 @@ def test_nnx_equals_linen_with_same_weights(digits):
 def test_nnx_model_trains_end_to_end_on_digits(digits):
     """BatchNorm + Dropout NNX model, the same jitted train_step: loss falls, test accuracy high."""
     model = NNXModel(lambda rngs: BNDropNet(rngs=rngs))
-    state = create_train_state(model, optax.adam(5e-3), jax.random.key(0), digits.train["image"][:1])
+    state = create_train_state(model, optax.adam(5e-3), jax.random.key(0),
+                               digits.train["image"][:1])
     assert set(state.model_state) == {"nnx_state"}
     bn_mean0 = np.asarray(state.model_state["nnx_state"]["bn"]["mean"])
     step = jax.jit(train_step, donate_argnums=(0,))
@@ -117,7 +120,8 @@ def test_custom_loss_is_used_and_trains(digits):
         return optax.losses.multiclass_hinge_loss(logits_BK, labels_B)
 
     model = NNXModel(lambda rngs: NNXMLP((64,), 10, rngs=rngs))
-    state = create_train_state(model, optax.adam(5e-3), jax.random.key(0), digits.train["image"][:1])
+    state = create_train_state(model, optax.adam(5e-3), jax.random.key(0),
+                               digits.train["image"][:1])
     batch = next(_batches(digits.train, 64, 1))
     logits = state.apply(batch["image"])
     want = float(jnp.mean(hinge(logits, batch["label"])))
@@ -134,9 +138,10 @@ def test_custom_loss_is_used_and_trains(digits):
 def test_factory_init_is_a_function_of_the_key_and_instances_keep_their_weights(digits):
     sample = digits.train["image"][:1]
     model = NNXModel(lambda rngs: NNXMLP((8,), 10, rngs=rngs))
-    init = jax.jit(functools.partial(create_train_state, model, optax.sgd(0.1), sample_images=sample))
+    init = jax.jit(functools.partial(create_train_state, model, optax.sgd(0.1),
+                                     sample_images=sample))
     a, b, a2 = init(jax.random.key(1)), init(jax.random.key(2)), init(jax.random.key(1))
-    k = lambda s: np.asarray(s.params["hidden"]["0"]["kernel"])  # noqa: E731
+    k = lambda s: np.asarray(s.params["hidden"]["0"]["kernel"])
     np.testing.assert_array_equal(k(a), k(a2))
     assert not np.allclose(k(a), k(b))
     # vmap over seeds (the seed runs' init) gives each seed its own single-run init
@@ -153,7 +158,7 @@ def test_dropout_randomness_comes_from_the_step_key(digits):
     state = create_train_state(model, optax.sgd(0.1), jax.random.key(0), digits.train["image"][:1])
     batch = next(_batches(digits.train, 64, 1))
     step = jax.jit(train_step)
-    loss = lambda key: float(step(state, batch, key)[1]["loss"])  # noqa: E731
+    loss = lambda key: float(step(state, batch, key)[1]["loss"])
     assert loss(jax.random.key(3)) == loss(jax.random.key(3))
     assert loss(jax.random.key(3)) != loss(jax.random.key(4))
     assert loss(jax.random.PRNGKey(3)) == loss(jax.random.PRNGKey(3))  # raw uint32[2] keys too

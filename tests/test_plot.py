@@ -83,7 +83,7 @@ def test_cli_writes_png(runs, tmp_path, capsys):
     out = tmp_path / "figs" / "curves.png"
     assert plot.main([a, b, "--out", str(out), "--labels", "base", "seeds"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
-    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     h, w, _ = matplotlib.image.imread(str(out)).shape
     assert w > 2 * h > 600  # two panels side by side, readable size
     assert plot.main([a]) == 0  # one run: defaults to RUN/curves.png

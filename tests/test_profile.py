@@ -29,7 +29,8 @@ PARAMS = sum(i * o + o for i, o in LAYERS)  # 85,002
 
 def _traced_steps(logdir: str) -> list[int]:
     (path,) = glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.trace.json.gz"))
-    events = json.load(gzip.open(path))["traceEvents"]
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
     return sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train")
 
 
@@ -113,7 +114,8 @@ def test_dry_run_figures_match_hand_counts(tmp_path, capsys):
     # memory: state (params + Adam's two moments) and the device-resident train split
     # are arguments; the donated state is aliased to the output
     train_bytes = 1294 * (64 * 4 + 4)
-    assert 3 * 4 * PARAMS + train_bytes <= r["argument_bytes"] <= 3 * 4 * PARAMS + train_bytes + 65536
+    state_bytes = 3 * 4 * PARAMS
+    assert state_bytes + train_bytes <= r["argument_bytes"] <= state_bytes + train_bytes + 65536
     assert r["alias_bytes"] >= 3 * 4 * PARAMS
     assert r["footprint_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
                                     + r["temp_bytes"])
@@ -131,6 +133,14 @@ def test_dry_run_over_a_mesh_reports_per_device_work(tmp_path):
     # the dots split 8 ways; the optimizer update is replicated on every device
     assert dense / 8 <= mesh["flops_per_device"] <= one["flops_per_device"] / 4
     assert mesh["flops_per_step"] == 8 * mesh["flops_per_device"]
+
+
+def test_dry_run_of_a_seed_run_counts_one_model_and_all_seeds_work(tmp_path):
+    one = train_and_evaluate(BASE.replace(dry_run=True), str(tmp_path / "a"))
+    seeds = train_and_evaluate(BASE.replace(dry_run=True, num_seeds=4), str(tmp_path / "b"))
+    assert seeds["params"] == PARAMS and seeds["num_seeds"] == 4
+    assert seeds["flops_per_step"] == pytest.approx(4 * one["flops_per_step"], rel=0.05)
+    assert seeds["argument_bytes"] >= 4 * 3 * 4 * PARAMS  # four states
 
 
 def test_dry_run_cli_exits_zero(tmp_path, capsys):

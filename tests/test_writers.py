@@ -62,22 +62,21 @@ def test_tensorboard_seed_runs_get_one_tag_per_seed(tmp_path):
 
 def test_tensorboard_reader_checks_crc(tmp_path):
     _write_all(W.TensorBoardWriter(str(tmp_path)))
-    (path,) = [os.path.join(tmp_path, f) for f in os.listdir(tmp_path)]
-    raw = bytearray(open(path, "rb").read())
+    (path,) = list(tmp_path.iterdir())
+    raw = bytearray(path.read_bytes())
     # Flip one byte inside the payload of the second record.
     (first_len,) = struct.unpack("<Q", raw[:8])
     second = 8 + 4 + first_len + 4
     raw[second + 12 + 2] ^= 0xFF
-    open(path, "wb").write(bytes(raw))
+    path.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="CRC"):
         W.read_tensorboard(str(tmp_path))
 
 
 def test_tensorboard_reader_tolerates_truncated_tail(tmp_path):
     _write_all(W.TensorBoardWriter(str(tmp_path)))
-    (path,) = [os.path.join(tmp_path, f) for f in os.listdir(tmp_path)]
-    raw = open(path, "rb").read()
-    open(path, "wb").write(raw[:-3])  # a writer killed mid-record
+    (path,) = list(tmp_path.iterdir())
+    path.write_bytes(path.read_bytes()[:-3])  # a writer killed mid-record
     got = W.read_tensorboard(str(tmp_path))
     assert len(got) == sum(len(m) for _, _, m in RECORDS) - 1
 
@@ -126,7 +125,8 @@ def test_missing_optional_package_is_one_line_error(tmp_path, monkeypatch, modul
     with pytest.raises(W.WriterError) as e:
         W.create_writers(config, str(tmp_path))
     assert isinstance(e.value, ValueError)  # the CLI maps it to exit status 2
-    assert str(e.value) == f"--{field.replace('_', '-')} needs the {module} package: pip install {module}"
+    flag = "--" + field.replace("_", "-")
+    assert str(e.value) == f"{flag} needs the {module} package: pip install {module}"
     assert not (tmp_path / "metrics.jsonl").exists()  # failed before opening any file
 
 
