@@ -151,7 +151,10 @@ class Checkpointer:
         best_fn = None
         if best_metric:
             worst = -math.inf if best_mode == "max" else math.inf
-            best_fn = lambda m: float(m.get(best_metric, worst))  # noqa: E731
+
+            def best_fn(metrics: Mapping[str, float]) -> float:
+                return float(metrics.get(best_metric, worst))
+
             policies.append(
                 ocp_policy.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1)
             )
@@ -232,7 +235,7 @@ class Checkpointer:
         def run() -> None:
             try:
                 write()
-            except BaseException as e:  # surfaced by the next wait()
+            except BaseException as e:  # noqa: BLE001 (surfaced by the next wait())
                 self._error = e
 
         self.last_step = step
@@ -262,7 +265,7 @@ class Checkpointer:
         try:
             args = ocp.args.Composite(**{META: ocp.args.JsonRestore()})
             meta = self._manager.restore(step, args=args)[META]
-        except Exception as e:  # Orbax raises many types for missing/broken files
+        except Exception as e:  # noqa: BLE001 (Orbax raises many types for broken files)
             raise DamagedCheckpointError(step, _reason(e)) from None
         if not isinstance(meta, dict):
             raise DamagedCheckpointError(step, "its metadata is not a JSON object")
@@ -273,7 +276,7 @@ class Checkpointer:
         between checkpoint ``step`` and ``target`` (or is missing in one of them)."""
         try:
             saved_tree = self._manager.item_metadata(step)[STATE].tree
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             raise DamagedCheckpointError(step, _reason(e)) from None
         saved = dict(leaf_paths(saved_tree))
         # params first: a model change shows there before in the optimizer state
@@ -306,7 +309,7 @@ class Checkpointer:
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**{STATE: state_args}))
             tree = jax.tree.map(np.asarray, out[STATE])
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             raise DamagedCheckpointError(step, _reason(e)) from None
         checksums = meta.get("checksums")
         if not isinstance(checksums, dict):

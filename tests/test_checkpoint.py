@@ -311,7 +311,7 @@ def _batch(n: int = 32) -> dict:
             "label": rng.integers(0, 10, n).astype(np.int32)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(kind: str, devices: int):
     strategy = create_strategy(kind, devices)
     step = strategy.compile(functools.partial(train_step, skip_nonfinite=True))

@@ -118,7 +118,7 @@ def test_rollback_restores_the_checkpoint_and_moves_on(tmp_path, poisoned, capfd
     events = re.findall(r"non-finite loss or gradient at step (\d+): rolled back to the "
                         r"checkpoint of step (\d+), continuing with the batch of step (\d+)", err)
     assert [int(bad) for bad, _, _ in events] == poisoned
-    for bad, source, resume in map(lambda e: tuple(map(int, e)), events):
+    for bad, source, resume in (tuple(int(v) for v in e) for e in events):
         detected = -(-bad // 5) * 5  # the flush at the next multiple of 5 (checkpoint cadence)
         assert source == detected - 5 and resume == detected + 1
     assert _assert_checkpoints_finite(str(tmp_path))[-1] == 2 * PER_EPOCH
@@ -167,8 +167,8 @@ def test_resume_after_a_rollback_is_exact(tmp_path, poisoned):
 
 
 @pytest.mark.parametrize("policy,message", [
-    ("raise", r"non-finite loss or gradient at step 2: loss=nan, first non-finite gradient: "
-              r"Dense_0/bias"),
+    ("raise", (r"non-finite loss or gradient at step 2: loss=nan, first non-finite gradient: "
+               r"Dense_0/bias")),
     ("skip", r"3 consecutive non-finite steps up to step 4 \(--on-nonfinite skip\)"),
     ("rollback", r"3 consecutive non-finite steps up to step 4 \(--on-nonfinite rollback\)"),
 ])

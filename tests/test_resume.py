@@ -56,7 +56,7 @@ def _records(workdir) -> list[dict]:
     return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(parallel: str, root: str) -> tuple:
     """The uninterrupted run: final params and metrics records (and its workdir)."""
     workdir = os.path.join(root, f"reference-{parallel}")
