@@ -144,6 +144,8 @@ def test_checkpoint_holds_data_position_rng_and_config(tmp_path, reference):
     assert set(tree) == {"step", "params", "model_state", "opt_state", "rng"}
 
 
+# Orbax's reader may leave an asyncio callback behind after a failed read of a damaged file.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_latest_checkpoint_falls_back_and_finishes_exactly(tmp_path, reference, capfd):
     ref_params, ref_records, _ = reference()
     workdir = str(tmp_path / "run")
