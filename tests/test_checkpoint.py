@@ -32,6 +32,10 @@ from jaxtrain.parallel import create_strategy
 from jaxtrain.state import create_train_state
 from jaxtrain.steps import train_step
 
+# Orbax's reader may leave an asyncio callback behind after failing on a damaged file; it
+# surfaces as an "unraisable" warning in whichever test runs next.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 def _tree(scale: float) -> dict:
     """A small state-shaped tree: dicts, a tuple of named tuples, an int scalar, a key."""
@@ -151,8 +155,6 @@ def test_interrupted_save_is_never_taken_for_a_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------- damage
 
 
-# Orbax's reader may leave an asyncio callback behind after a failed read of a damaged file.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["truncate", "delete", "overwrite", "meta", "state_dir"])
 def test_damaged_latest_falls_back_to_previous(tmp_path, damage):
     workdir = str(tmp_path)
@@ -261,7 +263,6 @@ def test_load_params_latest_and_by_step(tmp_path):
         load_params(str(tmp_path / "nothing"))
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_load_params_skips_damaged_latest_with_a_warning(tmp_path):
     ckpt = Checkpointer(str(tmp_path), keep=3)
     for step in (1, 2):
