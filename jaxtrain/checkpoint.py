@@ -384,12 +384,9 @@ def set_aside(workdir: str, step: int) -> str | None:
     return dest
 
 
-def load_params(workdir: str, step: int | None = None) -> PyTree:
-    """The params pytree of a run's checkpoint as host numpy arrays.
-
-    ``step=None`` takes the newest intact checkpoint (warning about damaged newer
-    ones). For a multi-seed run every leaf has a leading seed axis.
-    """
+def _load_tree(workdir: str, step: int | None) -> PyTree:
+    """The state tree of checkpoint ``step`` (newest intact one for None; warns about
+    damaged newer ones) as host arrays in nested dicts."""
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
     ckpt = Checkpointer(workdir, read_only=True)
@@ -400,14 +397,22 @@ def load_params(workdir: str, step: int | None = None) -> PyTree:
                 raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
             for bad, reason in found.damaged:
                 warnings.warn(f"skipped damaged checkpoint at step {bad} ({reason}); "
-                              f"using step {found.step}", stacklevel=2)
-            return found.tree["params"]
+                              f"using step {found.step}", stacklevel=3)
+            return found.tree
         if step not in ckpt.all_steps():
             raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt.directory}")
-        tree, _ = ckpt.restore(step)
-        return tree["params"]
+        return ckpt.restore(step)[0]
     finally:
         ckpt.close()
+
+
+def load_params(workdir: str, step: int | None = None) -> PyTree:
+    """The params pytree of a run's checkpoint as host numpy arrays.
+
+    ``step=None`` takes the newest intact checkpoint (warning about damaged newer
+    ones). For a multi-seed run every leaf has a leading seed axis.
+    """
+    return _load_tree(workdir, step)["params"]
 
 
 def load_variables(workdir: str, step: int | None = None) -> PyTree:
@@ -417,22 +422,5 @@ def load_variables(workdir: str, step: int | None = None) -> PyTree:
     Picks the checkpoint as ``load_params`` does; for a multi-seed run every leaf has a
     leading seed axis. (Used by the robustness suite.)
     """
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
-    ckpt = Checkpointer(workdir, read_only=True)
-    try:
-        if step is None:
-            found = ckpt.restore_latest()
-            if found is None:
-                raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-            for bad, reason in found.damaged:
-                warnings.warn(f"skipped damaged checkpoint at step {bad} ({reason}); "
-                              f"using step {found.step}", stacklevel=2)
-            tree = found.tree
-        else:
-            if step not in ckpt.all_steps():
-                raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt.directory}")
-            tree, _ = ckpt.restore(step)
-    finally:
-        ckpt.close()
+    tree = _load_tree(workdir, step)
     return {"params": tree["params"], **(tree.get("model_state") or {})}

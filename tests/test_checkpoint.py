@@ -21,6 +21,7 @@ from jaxtrain.checkpoint import (
     first_nonfinite,
     leaf_paths,
     load_params,
+    load_variables,
     set_aside,
     snapshot,
     state_tree,
@@ -261,6 +262,19 @@ def test_load_params_latest_and_by_step(tmp_path):
         load_params(str(tmp_path), step=7)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_params(str(tmp_path / "nothing"))
+
+
+def test_load_variables_adds_model_state(tmp_path):
+    with_bn = _tree(3)
+    with_bn["model_state"] = {"batch_stats": {"mean": np.arange(3, dtype=np.float32)}}
+    ckpt = Checkpointer(str(tmp_path), keep=3)
+    ckpt.save(1, _tree(1), {})
+    ckpt.save(2, with_bn, {})
+    ckpt.close()
+    variables = load_variables(str(tmp_path))
+    assert set(variables) == {"params", "batch_stats"}
+    assert _equal(variables["batch_stats"], with_bn["model_state"]["batch_stats"])
+    assert set(load_variables(str(tmp_path), step=1)) == {"params"}
 
 
 def test_load_params_skips_damaged_latest_with_a_warning(tmp_path):
