@@ -80,14 +80,17 @@ def test_step_profiler_edges(tmp_path):
     assert _traced_steps(str(tmp_path / "fused")) == [2, 4]  # one annotation per call
 
 
-def test_training_run_with_profile_steps(tmp_path):
-    """The loop traces steps 3 and 4, and still writes metrics and TensorBoard files."""
+@pytest.mark.parametrize("steps_per_call, annotated", [(1, [3, 4]), (4, [0, 4])])
+def test_training_run_with_profile_steps(tmp_path, steps_per_call, annotated):
+    """The loop traces the calls holding steps 3 and 4 (one call per step, or fused
+    calls of four steps), and still writes metrics and TensorBoard files."""
     workdir = str(tmp_path / "run")
-    summary = train_and_evaluate(BASE.replace(profile_steps="3:5", log_every=5), workdir)
+    summary = train_and_evaluate(BASE.replace(profile_steps="3:5", log_every=5,
+                                              steps_per_call=steps_per_call), workdir)
     assert summary["steps"] == 20
-    assert _traced_steps(os.path.join(workdir, "profile")) == [3, 4]
+    assert _traced_steps(os.path.join(workdir, "profile")) == annotated
     tb = read_tensorboard(os.path.join(workdir, "tensorboard"))
-    assert {(s.step, s.tag) for s in tb} >= {(5, "train/loss"), (20, "val/accuracy"),
+    assert {(s.step, s.tag) for s in tb} >= {(20, "train/loss"), (20, "val/accuracy"),
                                            (20, "test/accuracy")}
 
 
