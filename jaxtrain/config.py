@@ -167,6 +167,10 @@ class TrainConfig:
             from jaxtrain.profiling import parse_profile_steps
 
             parse_profile_steps(self.profile_steps)
+        if self.wandb_project or self.mlflow_experiment:
+            from jaxtrain.writers import check_optional_writers
+
+            check_optional_writers(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -121,6 +121,20 @@ class TensorBoardWriter:
         self._w.close()
 
 
+OPTIONAL_BACKENDS = {"wandb_project": "wandb", "mlflow_experiment": "mlflow"}
+
+
+def check_optional_writers(config: Any) -> None:
+    """Raises ``WriterError`` (one line) when ``config`` asks for a backend whose
+    package is not installed; imports nothing (called before anything is written)."""
+    import importlib.util
+
+    for field, module in OPTIONAL_BACKENDS.items():
+        if getattr(config, field, "") and importlib.util.find_spec(module) is None:
+            flag = "--" + field.replace("_", "-")
+            raise WriterError(f"{flag} needs the {module} package: pip install {module}")
+
+
 def _import_optional(module: str, flag: str) -> Any:
     try:
         return importlib.import_module(module)

@@ -130,6 +130,20 @@ def test_missing_optional_package_is_one_line_error(tmp_path, monkeypatch, modul
     assert not (tmp_path / "metrics.jsonl").exists()  # failed before opening any file
 
 
+@pytest.mark.parametrize("flag, module", [("--wandb-project", "wandb"),
+                                          ("--mlflow-experiment", "mlflow")])
+def test_cli_with_missing_backend_exits_2_before_writing(tmp_path, monkeypatch, capsys, flag,
+                                                         module):
+    from experiments import digits_mlp
+
+    monkeypatch.setitem(sys.modules, module, None)
+    workdir = tmp_path / "run"
+    assert digits_mlp.main(["--workdir", str(workdir), flag, "proj"]) == 2
+    want = f"error: {flag} needs the {module} package: pip install {module}\n"
+    assert capsys.readouterr().err == want
+    assert not workdir.exists()
+
+
 def test_optional_packages_not_imported_unless_asked(tmp_path):
     ws = W.create_writers(TrainConfig(), str(tmp_path))
     for w in ws:
