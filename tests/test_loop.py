@@ -114,7 +114,7 @@ def test_progress_mode_follows_the_terminal(monkeypatch):
 
 def test_same_seed_twice_gives_identical_metrics(tmp_path):
     config = digits_mlp.DEFAULTS.replace(epochs=1, seed=5, parallel="none", progress="none",
-                                         eval_every=5, log_every=5, **QUIET)
+                                         eval_every=5, log_every=5, best_metric="", **QUIET)
     train_and_evaluate(config, str(tmp_path / "a"))
     train_and_evaluate(config, str(tmp_path / "b"))
     with open(tmp_path / "a" / "metrics.jsonl") as a, open(tmp_path / "b" / "metrics.jsonl") as b:
