@@ -1,0 +1,354 @@
+"""Multi-process runs: settings from flags / SLURM / Open MPI, and the same result
+from 2 processes x 2 devices as from 1 process x 4 devices.
+
+The two-process cases start subprocesses on 127.0.0.1 (gloo collectives on
+CPU); this file doubles as their worker script (``python
+tests/test_distributed.py worker ...``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 30
+SAVE_EVERY = 3
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def worker(out: str, kind: str, num_processes: int, process_id: int, port: int) -> None:
+    """Trains ``STEPS`` steps of the MLP (with dropout) under ``kind``, checkpointing
+    every ``SAVE_EVERY`` steps while steps keep running (Orbax's barriers must not
+    interleave with the step's all-reduce), then writes its params and eval sums."""
+    import jax
+
+    from jaxtrain import data as data_lib
+    from jaxtrain import distributed
+    from jaxtrain.checkpoint import Checkpointer, state_tree
+    from jaxtrain.config import TrainConfig
+    from jaxtrain.loop import build_model_and_state, make_update, step_key
+    from jaxtrain.parallel import create_strategy, prefetch
+    from jaxtrain.steps import eval_step
+
+    group = distributed.initialize(
+        f"127.0.0.1:{port}" if num_processes > 1 else None, num_processes, process_id
+    )
+    assert (group is None) == (num_processes == 1)
+    assert jax.process_count() == num_processes and jax.process_index() == process_id
+    config = TrainConfig(model="mlp", dropout=0.2, batch_size=32, lr=2e-3, seed=5)
+    ds = data_lib.load_dataset("digits")
+    n = len(ds.train["label"])
+    strategy = create_strategy(kind)
+    assert strategy.num_devices == 4
+    strategy.check_batch_size(config.batch_size)
+    update = strategy.compile(make_update(config, resident=False), donate_argnums=(0,))
+    state = strategy.replicate(build_model_and_state(config, ds, STEPS))
+    key = strategy.replicate(step_key(config.seed))
+    pid, nproc = jax.process_index(), jax.process_count()
+    rows = slice(pid * config.batch_size // nproc, (pid + 1) * config.batch_size // nproc)
+
+    def local_batch(step):  # this process's share of the global batch only
+        idx = data_lib.batch_indices(config.seed, step, n, config.batch_size)
+        return data_lib.take(ds.train, idx[rows])
+
+    ckpt = Checkpointer(out)
+    for step, batch in enumerate(prefetch(map(local_batch, range(STEPS)), strategy.shard)):
+        state, metrics = update(state, batch, key)
+        if (step + 1) % SAVE_EVERY == 0:  # saved on a background thread while steps go on
+            ckpt.save(step + 1, state_tree(strategy.unreplicate(state)), {"step": step + 1})
+    ckpt.close()
+
+    evaluate = strategy.compile(eval_step)
+    sums = None
+    for batch in data_lib.eval_batches(ds.test, 64):
+        local = {k: np.array_split(v, nproc)[pid] for k, v in batch.items()}
+        out_sums = evaluate(state, strategy.shard(local))
+        sums = out_sums if sums is None else jax.tree.map(lambda a, b: a + b, sums, out_sums)
+    result = {k: float(v) for k, v in strategy.unreplicate(sums).items()}
+    result["loss"] = float(strategy.unreplicate(metrics)["loss"])
+    with open(os.path.join(out, f"result_{pid}.json"), "w") as f:
+        json.dump(result, f)
+    leaves = jax.tree.leaves(strategy.unreplicate(state.params))
+    np.savez(os.path.join(out, f"params_{pid}.npz"), *leaves)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(devices: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR"))}
+    return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+
+
+def run_all(commands: list[tuple[list[str], int]], timeout: float = 420) -> list[subprocess.CompletedProcess]:
+    """Starts every ``(command, fake device count)`` at once (the processes of one run
+    must meet), waits for all; kills any left if one hangs."""
+    procs = [subprocess.Popen(c, cwd=ROOT, env=cpu_env(devices), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c, devices in commands]
+    results = []
+    try:
+        for p, (c, _) in zip(procs, commands):
+            out, err = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(c, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+def check_ok(results):
+    for r in results:
+        assert r.returncode == 0, f"{' '.join(r.args)}\n{r.stderr[-4000:]}"
+
+
+def worker_runs(tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    """Folders of a 2-process x 2-device run and a 1-process x 4-device run (run together)."""
+    commands = []
+    for n in (2, 1):
+        out = tmp_path / f"{kind}_{n}"
+        out.mkdir()
+        port = free_port()
+        commands += [([sys.executable, __file__, "worker", str(out), kind, str(n), str(pid),
+                       str(port)], 4 // n) for pid in range(n)]
+    check_ok(run_all(commands))
+    return tmp_path / f"{kind}_2", tmp_path / f"{kind}_1"
+
+
+def load_npz(path: Path) -> list[np.ndarray]:
+    z = np.load(path)
+    return [z[f"arr_{i}"] for i in range(len(z.files))]
+
+
+def assert_close(a: list[np.ndarray], b: list[np.ndarray], rtol: float = 1e-5) -> None:
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        err = np.linalg.norm(x - y) / np.linalg.norm(y)
+        assert err <= rtol, f"leaf {i}: relative difference {err:.3g} > {rtol}"
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+@pytest.mark.parametrize("kind", ["mesh", pytest.param("pmap", marks=pytest.mark.slow)])
+def test_two_processes_match_one_process_with_as_many_devices(tmp_path, kind):
+    two, one = worker_runs(tmp_path, kind)
+    ref = load_npz(one / "params_0.npz")
+    for pid in (0, 1):  # every process ends with the same params ...
+        assert_close(load_npz(two / f"params_{pid}.npz"), ref)
+    ref_eval = json.loads((one / "result_0.json").read_text())
+    for pid in (0, 1):  # ... and the same eval sums over the whole test split
+        got = json.loads((two / f"result_{pid}.json").read_text())
+        assert got["count"] == ref_eval["count"] > 0
+        assert got["correct"] == ref_eval["correct"]
+        assert got["loss_sum"] == pytest.approx(ref_eval["loss_sum"], rel=1e-5)
+        assert got["loss"] == pytest.approx(ref_eval["loss"], rel=1e-5)
+
+    from jaxtrain.checkpoint import load_params
+
+    # The checkpoints (saved while steps ran on) hold the same params, midway and last.
+    for step in (STEPS - SAVE_EVERY, STEPS):
+        a = [np.asarray(x) for x in _leaves(load_params(str(two), step))]
+        b = [np.asarray(x) for x in _leaves(load_params(str(one), step))]
+        assert_close(a, b)
+    assert_close([np.asarray(x) for x in _leaves(load_params(str(two)))], ref)
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_multi_process_rejects_what_cannot_span_processes(tmp_path):
+    """--parallel none (one device) cannot use two processes: exit 2, one line each."""
+    port = free_port()
+    commands = [[sys.executable, "-m", "experiments.digits_mlp", "--workdir",
+                 str(tmp_path / "run"), "--parallel", "none", "--compilation-cache", "",
+                 "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                 "--process-id", str(pid)] for pid in (0, 1)]
+    for r in run_all([(c, 2) for c in commands], timeout=300):
+        assert r.returncode == 2, r.stderr[-3000:]
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert errors == ["error: --parallel none cannot run across several processes"]
+        assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_two_processes_match_one_process(tmp_path):
+    """The experiment CLI end to end: 2 processes x 2 devices == 1 process x 4 devices,
+    only process 0 writes the logs (one line per step and split)."""
+    from jaxtrain.checkpoint import load_params
+
+    base = [sys.executable, "-m", "experiments.digits_mlp", "--epochs", "2", "--parallel",
+            "mesh", "--compilation-cache", "", "--progress", "none"]
+    port = free_port()
+    two = tmp_path / "two"
+    one = tmp_path / "one"
+    check_ok(run_all([(base + ["--workdir", str(two), "--coordinator-address",
+                               f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(pid)], 2) for pid in (0, 1)]
+                     + [(base + ["--workdir", str(one)], 4)]))
+    assert_close([np.asarray(x) for x in _leaves(load_params(str(two)))],
+                 [np.asarray(x) for x in _leaves(load_params(str(one)))])
+    s2 = json.loads((two / "summary.json").read_text())
+    s1 = json.loads((one / "summary.json").read_text())
+    assert s2["test_accuracy"] == s1["test_accuracy"]
+    assert s2["test_loss"] == pytest.approx(s1["test_loss"], rel=1e-5)
+    assert s2["num_devices"] == 4
+    records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["step"], r["split"]) for r in records]
+    assert len(keys) == len(set(keys)) > 0
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+SLURM = {
+    "SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_NTASKS": "8",
+    "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NODELIST": "gpu[007-008],cpu1",
+    "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+}
+
+
+def test_single_process_when_nothing_is_set():
+    from jaxtrain.distributed import detect
+
+    assert detect(environ={}) is None
+    assert detect(num_processes=1, environ=SLURM) is None  # explicit: stay alone
+    assert detect(environ={**SLURM, "SLURM_STEP_NUM_TASKS": "1"}) is None
+
+
+def test_flags():
+    from jaxtrain.distributed import ProcessGroup, detect
+
+    group = detect("10.0.0.1:1234", 4, 2, environ={})
+    assert group == ProcessGroup("10.0.0.1:1234", 4, 2, None, "flags")
+    assert detect(None, 2, 1, environ={"JAX_COORDINATOR_ADDRESS": "h:99"}).coordinator_address == "h:99"
+
+
+def test_slurm_step():
+    from jaxtrain.distributed import detect
+
+    group = detect(environ=SLURM)
+    port = 4242 % 4096 + 61440  # jax's own SLURM rule, so mixed launches agree
+    assert group.coordinator_address == f"gpu007:{port}"
+    assert (group.num_processes, group.process_id) == (4, 3)  # the step's tasks, not the job's
+    assert group.local_device_ids == (1,)  # two tasks per node: one GPU each
+    assert group.source == "slurm"
+
+
+def test_slurm_one_task_per_node_drives_every_gpu():
+    from jaxtrain.distributed import detect
+
+    env = {**SLURM, "SLURM_STEP_TASKS_PER_NODE": "1(x4)", "SLURM_LOCALID": "0"}
+    assert detect(environ=env).local_device_ids is None
+    # Already bound by the launcher (--gpus-per-task): leave the visible devices alone.
+    env = {**SLURM, "CUDA_VISIBLE_DEVICES": "3"}
+    assert detect(environ=env).local_device_ids is None
+
+
+def test_slurm_overrides():
+    from jaxtrain.distributed import detect
+
+    env = {**SLURM, "JAX_COORDINATOR_PORT": "5000"}
+    assert detect(environ=env).coordinator_address == "gpu007:5000"
+    group = detect("10.1.1.1:7000", environ=SLURM)  # a flag wins over the environment
+    assert group.coordinator_address == "10.1.1.1:7000" and group.process_id == 3
+
+
+def test_sbatch_script_itself_is_not_a_step():
+    """Outside srun (no SLURM_STEP_NODELIST) python runs alone, not waiting for peers."""
+    from jaxtrain.distributed import detect
+
+    env = {k: v for k, v in SLURM.items() if not k.startswith("SLURM_STEP")}
+    assert detect(environ=env) is None
+
+
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [("node001", "node001"), ("node001,node002", "node001"), ("gpu[003-004,9],cpu1", "gpu003"),
+     ("gpu[12,15]", "gpu12"), ("rack1-[5-8]-ib", "rack1-5-ib"), ("[1-2]", "1")],
+)
+def test_first_host(nodelist, host):
+    from jaxtrain.distributed import first_host
+
+    assert first_host(nodelist) == host
+
+
+def test_open_mpi():
+    from jaxtrain.distributed import DistributedError, detect
+
+    env = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    orte = {**env, "OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1,10.148.0.1:34911"}
+    group = detect(environ=orte)
+    port = (1531576320 // 4096) % 4096 + 61440
+    assert group.coordinator_address == f"10.96.0.1:{port}"
+    assert (group.num_processes, group.process_id, group.local_device_ids) == (2, 1, (1,))
+    assert detect("h:1", environ=env).coordinator_address == "h:1"  # Open MPI 5: no ORTE
+    with pytest.raises(DistributedError, match="Open MPI 5"):
+        detect(environ=env)
+    # mpirun inside a SLURM allocation: Open MPI's ranks are the processes.
+    assert detect(environ={**SLURM, **orte}).source == "openmpi"
+
+
+@pytest.mark.parametrize(
+    "kwargs, environ, message",
+    [
+        ({"num_processes": 2, "process_id": 0}, {}, "need a coordinator"),
+        ({"coordinator_address": "h:1", "num_processes": 2}, {}, "needs --process-id"),
+        ({"coordinator_address": "h:1", "process_id": 1}, {}, "without --num-processes"),
+        ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, {},
+         "--process-id 2 is outside 0..1"),
+        ({"coordinator_address": "h", "num_processes": 2, "process_id": 0}, {}, "not HOST:PORT"),
+        ({"num_processes": 0}, {}, "--num-processes must be >= 1"),
+        ({"num_processes": 1, "process_id": 1}, {}, "must be 0"),
+        ({}, {**SLURM, "SLURM_PROCID": "x"}, "SLURM_PROCID='x' is not an integer"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(kwargs, environ, message):
+    from jaxtrain.distributed import DistributedError, detect
+
+    with pytest.raises(DistributedError, match=message) as info:
+        detect(environ=environ, **kwargs)
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value, ValueError)  # the CLI maps it to exit status 2
+
+
+def test_initialize_after_devices_are_in_use_is_refused(monkeypatch):
+    import jax
+
+    from jaxtrain import distributed
+
+    jax.devices()  # the backend is up (so jax refuses before connecting anywhere)
+    for var in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_"))]:
+        monkeypatch.delenv(var)
+    assert distributed.initialize() is None  # nothing to join: a no-op
+    with pytest.raises(distributed.DistributedError, match="before anything uses a device"):
+        distributed.initialize(f"127.0.0.1:{free_port()}", 2, 0, timeout_s=5)
+    assert not jax.distributed.is_initialized()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    out_dir, kind_arg, n_arg, pid_arg, port_arg = sys.argv[2:7]
+    worker(out_dir, kind_arg, int(n_arg), int(pid_arg), int(port_arg))
