@@ -1,0 +1,617 @@
+"""Common corruptions (CIFAR-10-C / ImageNet-C) and geometric shifts, in pure JAX.
+
+Every corruption maps float images ``f32[N, H, W, C]`` in [0, 1] (C = 1 or 3) to
+images of the same shape, dtype and range; the last step is always a clip to
+[0, 1]. Formulas and the ``cifar`` / ``imagenet`` parameter tables follow
+``docs/ROBUSTNESS.md`` (Hendrycks & Dietterich 2019, ``make_cifar_c.py`` and
+``make_imagenet_c.py``).
+
+Two entry points:
+
+- ``perturb(images, name, severity, key, preset="cifar", params=None)`` looks
+  up the parameter tuple of a severity (1..5) in a preset, or uses ``params``.
+  Under ``jax.jit``, ``name``, ``preset`` (and ``params``) are static; a static
+  ``severity`` is validated, a traced one selects a row of the preset table.
+- ``perturb_by_param(images, name, param, key)`` takes the *encoded* parameter
+  vector ``f32[P]`` (``param_array`` / ``stacked_params`` build it), which may
+  be traced, so all five severities run as one program::
+
+      fn = lambda p: perturb_by_param(images, "fog", p, key)
+      out_SxNxHxWxC = jax.vmap(fn)(stacked_params("fog", "cifar"))
+
+Encoded parameter vectors, ``param_array(name, params)``; ``params`` is the
+ROBUSTNESS.md tuple, and the vector is that tuple except for zoom_blur:
+
+  gaussian_noise  [c]             std of the additive noise
+  shot_noise      [c]             photons per unit intensity
+  impulse_noise   [c]             fraction of values set to 0 or 1
+  speckle_noise   [c]             std of the multiplicative noise
+  gaussian_blur   [sigma]         sigma < 8.125 (taps int(4 sigma + .5) <= 32)
+  defocus_blur    [r, a]          disk radius r <= 10, alias-blur sigma a
+  brightness      [c]             added to V (HSV); to x for one channel
+  contrast        [c]             (x - mean) * c + mean
+  saturate        [a, b]          S * a + b (HSV); identity for one channel
+  pixelate        [c]             intermediate size int(size * c)
+  zoom_blur       [z_0 .. z_31]   np.arange(start, stop, step) of the tuple
+                                  (float64, as the reference: (1, 1.06, .01)
+                                  gives 7 factors), zero-padded to 32
+  fog             [a, d]          amplitude, wibble decay
+  rotation        [degrees]       random sign per image
+  translation     [f]             shift of f * size pixels, random direction
+  occlusion       [f]             zeroed square of side f * min(H, W)
+
+Parameters that set array shapes in the reference are made traceable by
+computing at a fixed maximum size: Gaussian taps over a fixed radius with the
+unused taps masked, the defocus disk on a fixed 21x21 grid, pixelate as an
+``[H, H]`` / ``[W, W]`` resampling matrix built from index arithmetic, and zoom
+blur as a masked sum over 32 zoom slots. ``param_array`` raises ValueError for
+parameters beyond these bounds.
+
+One channel: ``brightness`` is ``x + c`` and ``saturate`` is the identity
+(there is no hue or saturation to change).
+
+Rotation, translation and occlusion are not in the reference; their presets
+are scale-free and the same for both presets: rotation by 6, 12, 18, 24, 30
+degrees (bilinear, zero fill); translation by 1/16 .. 5/16 of the image side
+(2..10 px at 32 px, rounded to whole pixels, zero fill); occlusion by a black
+square of side 0.1 .. 0.5 of the shorter side, at a random position inside
+the image (squares of one key are nested across severities).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.scipy import ndimage
+
+__all__ = [
+    "CORRUPTIONS", "MAX_BLUR_RADIUS", "MAX_DEFOCUS_RADIUS", "MAX_ZOOMS", "PRESETS", "SEVERITIES",
+    "corruption_params", "hsv_to_rgb", "param_array", "perturb", "perturb_by_param",
+    "rgb_to_hsv", "stacked_params",
+]
+
+Array = jax.Array
+ParamTuple = tuple[float, ...]
+
+SEVERITIES = (1, 2, 3, 4, 5)
+MAX_BLUR_RADIUS = 32  # gaussian_blur: taps int(4 * sigma + 0.5) <= 32
+MAX_DEFOCUS_RADIUS = 10  # defocus_blur: disk radius (ImageNet-C's largest)
+MAX_ZOOMS = 32  # zoom_blur: zoom factors per severity
+
+_HIGHEST = lax.Precision.HIGHEST  # no TF32 on GPUs: results match CPU
+
+
+def _rows(*values: float | tuple[float, ...]) -> tuple[ParamTuple, ...]:
+    return tuple(tuple(float(x) for x in v) if isinstance(v, tuple) else (float(v),)
+                 for v in values)
+
+
+_ROTATION = _rows(6, 12, 18, 24, 30)
+_TRANSLATION = _rows(1 / 16, 2 / 16, 3 / 16, 4 / 16, 5 / 16)
+_OCCLUSION = _rows(0.1, 0.2, 0.3, 0.4, 0.5)
+
+# PRESETS[preset][name][severity - 1] is the parameter tuple of ROBUSTNESS.md.
+PRESETS: dict[str, dict[str, tuple[ParamTuple, ...]]] = {
+    "cifar": {
+        "gaussian_noise": _rows(0.04, 0.06, 0.08, 0.09, 0.10),
+        "shot_noise": _rows(500, 250, 100, 75, 50),
+        "impulse_noise": _rows(0.01, 0.02, 0.03, 0.05, 0.07),
+        "speckle_noise": _rows(0.06, 0.10, 0.12, 0.16, 0.20),
+        "gaussian_blur": _rows(0.4, 0.6, 0.7, 0.8, 1),
+        "defocus_blur": _rows((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),
+        "brightness": _rows(0.05, 0.1, 0.15, 0.2, 0.3),
+        "contrast": _rows(0.75, 0.5, 0.4, 0.3, 0.15),
+        "saturate": _rows((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),
+        "pixelate": _rows(0.95, 0.9, 0.85, 0.75, 0.65),
+        "zoom_blur": _rows((1, 1.06, 0.01), (1, 1.11, 0.01), (1, 1.16, 0.01),
+                           (1, 1.21, 0.01), (1, 1.26, 0.01)),
+        "fog": _rows((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
+        "rotation": _ROTATION,
+        "translation": _TRANSLATION,
+        "occlusion": _OCCLUSION,
+    },
+    "imagenet": {
+        "gaussian_noise": _rows(0.08, 0.12, 0.18, 0.26, 0.38),
+        "shot_noise": _rows(60, 25, 12, 5, 3),
+        "impulse_noise": _rows(0.03, 0.06, 0.09, 0.17, 0.27),
+        "speckle_noise": _rows(0.15, 0.20, 0.35, 0.45, 0.60),
+        "gaussian_blur": _rows(1, 2, 3, 4, 6),
+        "defocus_blur": _rows((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)),
+        "brightness": _rows(0.1, 0.2, 0.3, 0.4, 0.5),
+        "contrast": _rows(0.4, 0.3, 0.2, 0.1, 0.05),
+        "saturate": _rows((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)),
+        "pixelate": _rows(0.6, 0.5, 0.4, 0.3, 0.25),
+        "zoom_blur": _rows((1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.02),
+                           (1, 1.26, 0.02), (1, 1.31, 0.03)),
+        "fog": _rows((1.5, 2), (2, 2), (2.5, 1.7), (2.5, 1.5), (3, 1.4)),
+        "rotation": _ROTATION,
+        "translation": _TRANSLATION,
+        "occlusion": _OCCLUSION,
+    },
+}
+CORRUPTIONS: tuple[str, ...] = tuple(PRESETS["cifar"])
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_name(name: str) -> None:
+    if name not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {name!r}; valid: {', '.join(CORRUPTIONS)}")
+
+
+def _check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+
+
+def _check_severity(severity: Any) -> int:
+    try:
+        s = operator.index(severity)
+    except TypeError:
+        s = None
+    if s is None or isinstance(severity, bool) or s not in SEVERITIES:
+        raise ValueError(f"severity must be one of 1, 2, 3, 4, 5; got {severity!r}")
+    return s
+
+
+def corruption_params(name: str, severity: int, preset: str = "cifar") -> ParamTuple:
+    """The parameter tuple of ROBUSTNESS.md for `name` at `severity` (1..5) in `preset`."""
+    _check_name(name)
+    _check_preset(preset)
+    return PRESETS[preset][name][_check_severity(severity) - 1]
+
+
+def param_array(name: str, params: float | Sequence[float]) -> np.ndarray:
+    """Encodes one ROBUSTNESS.md parameter tuple as the vector f32[P] of `perturb_by_param`.
+
+    The identity for every corruption but zoom_blur, whose (start, stop, step) becomes
+    the zoom factors np.arange(start, stop, step) (float64, as the reference) padded
+    with zeros to MAX_ZOOMS. Raises ValueError for values outside the static bounds.
+    """
+    _check_name(name)
+    p = tuple(float(v) for v in np.ravel(np.asarray(params, np.float64)))
+    arity = len(PRESETS["cifar"][name][0])
+    if len(p) != arity:
+        raise ValueError(f"{name} takes {arity} parameter(s), got {len(p)}: {p}")
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{name}: {what}, got {p}")
+
+    if name == "zoom_blur":
+        zooms = np.arange(*p)
+        need(0 < len(zooms) <= MAX_ZOOMS, f"needs 1..{MAX_ZOOMS} zoom factors")
+        need(bool(np.all(zooms >= 1)), "zoom factors must be >= 1")
+        return np.pad(zooms, (0, MAX_ZOOMS - len(zooms))).astype(np.float32)
+    if name == "gaussian_blur":
+        need(0 < p[0] and int(4 * p[0] + 0.5) <= MAX_BLUR_RADIUS, "needs 0 < sigma < 8.125")
+    elif name == "defocus_blur":
+        need(0 < p[0] <= MAX_DEFOCUS_RADIUS and p[1] > 0,
+             f"needs 0 < radius <= {MAX_DEFOCUS_RADIUS} and alias blur > 0")
+    elif name == "pixelate":
+        need(0 < p[0] <= 1, "needs 0 < c <= 1")
+    elif name == "shot_noise":
+        need(p[0] > 0, "needs c > 0")
+    elif name == "impulse_noise":
+        need(0 <= p[0] <= 1, "needs 0 <= c <= 1")
+    elif name == "fog":
+        need(p[0] >= 0 and p[1] > 0, "needs amplitude >= 0 and decay > 0")
+    return np.asarray(p, np.float32)
+
+
+def stacked_params(name: str, preset: str = "cifar") -> np.ndarray:
+    """Encoded parameters of all five severities, f32[5, P], for jax.vmap."""
+    _check_name(name)
+    _check_preset(preset)
+    return np.stack([param_array(name, p) for p in PRESETS[preset][name]])
+
+
+def _param_size(name: str) -> int:
+    return MAX_ZOOMS if name == "zoom_blur" else len(PRESETS["cifar"][name][0])
+
+
+def _params_table(name: str, params: Any) -> tuple[Any, ...]:
+    """`params` as 5 per-severity tuples: a single tuple is used for every severity."""
+    arity = len(PRESETS["cifar"][name][0])
+    n = len(SEVERITIES)
+    flat = np.asarray(params, np.float64)
+    if flat.size == arity:
+        return (flat,) * n
+    if flat.shape == (n, arity) or (arity == 1 and flat.shape == (n,)):
+        return tuple(flat.reshape(n, arity))
+    raise ValueError(f"params for {name} must be one tuple of {arity} value(s) or {n} of "
+                     f"them (one per severity); got shape {flat.shape}")
+
+
+# ------------------------------------------------------------------ colour
+
+
+def rgb_to_hsv(rgb: Array) -> Array:
+    """f32[..., 3] RGB in [0, 1] -> HSV in [0, 1] (skimage.color.rgb2hsv semantics)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    v = jnp.max(rgb, axis=-1)
+    delta = v - jnp.min(rgb, axis=-1)
+    gray = delta == 0
+    s = jnp.where(gray, 0.0, delta / jnp.where(v > 0, v, 1.0))
+    d = jnp.where(gray, 1.0, delta)
+    h = jnp.where(b == v, 4.0 + (r - g) / d,
+                  jnp.where(g == v, 2.0 + (b - r) / d, (g - b) / d))
+    h = jnp.where(gray, 0.0, jnp.mod(h / 6.0, 1.0))
+    return jnp.stack([h, s, v], axis=-1)
+
+
+def hsv_to_rgb(hsv: Array) -> Array:
+    """f32[..., 3] HSV in [0, 1] -> RGB (skimage.color.hsv2rgb / colorsys semantics)."""
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    hi = jnp.floor(h * 6.0)
+    f = h * 6.0 - hi
+    p = v * (1.0 - s)
+    q = v * (1.0 - f * s)
+    t = v * (1.0 - (1.0 - f) * s)
+    sector = jnp.mod(hi.astype(jnp.int32), 6)
+    rgb_by_sector = jnp.stack([jnp.stack(c, axis=-1) for c in  # [6, ..., 3]
+                               [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]])
+    return jnp.take_along_axis(rgb_by_sector, sector[None, ..., None], axis=0)[0]
+
+
+def _map_hsv(x: Array, fn: Callable[[Array], Array]) -> Array:
+    return hsv_to_rgb(fn(rgb_to_hsv(x)))
+
+
+# ------------------------------------------------------------------- noise
+
+
+def _gaussian_noise(x: Array, p: Array, key: Array) -> Array:
+    return x + p[0] * jax.random.normal(key, x.shape)
+
+
+def _shot_noise(x: Array, p: Array, key: Array) -> Array:
+    return jax.random.poisson(key, x * p[0], x.shape).astype(jnp.float32) / p[0]
+
+
+def _impulse_noise(x: Array, p: Array, key: Array) -> Array:
+    k_mask, k_salt = jax.random.split(key)
+    hit = jax.random.uniform(k_mask, x.shape) < p[0]
+    salt = jax.random.bernoulli(k_salt, 0.5, x.shape)
+    return jnp.where(hit, salt.astype(jnp.float32), x)
+
+
+def _speckle_noise(x: Array, p: Array, key: Array) -> Array:
+    return x + x * p[0] * jax.random.normal(key, x.shape)
+
+
+# -------------------------------------------------------------------- blur
+
+
+def _depthwise(x: Array, kernel_KxL: Array) -> Array:
+    """'VALID' correlation of every channel of f32[N, H, W, C] with one 2-D kernel."""
+    c = x.shape[-1]
+    k = jnp.broadcast_to(kernel_KxL[:, :, None, None], (*kernel_KxL.shape, 1, c))
+    return lax.conv_general_dilated(x, k, (1, 1), "VALID", feature_group_count=c,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=_HIGHEST)
+
+
+def _nearest_filter_matrix(n: int, taps: Array) -> Array:
+    """f32[n, n] applying 1-D correlation with taps f32[2R+1] under 'nearest' padding."""
+    r = (taps.shape[0] - 1) // 2
+    rows = np.repeat(np.arange(n), 2 * r + 1)
+    cols = np.clip(rows + np.tile(np.arange(-r, r + 1), n), 0, n - 1)  # edge taps pile up
+    return jnp.zeros((n, n), taps.dtype).at[rows, cols].add(jnp.tile(taps, n))
+
+
+def _gaussian_blur(x: Array, p: Array, key: Array) -> Array:
+    # scipy.ndimage.gaussian_filter(mode="nearest", truncate=4): taps |t| <= int(4 sigma + .5),
+    # computed over the static MAX_BLUR_RADIUS with the others masked to zero, and applied
+    # as one [H, H] and one [W, W] matrix.
+    del key
+    _, h, w, _ = x.shape
+    sigma = jnp.maximum(p[0], 1e-6)
+    t = jnp.arange(-MAX_BLUR_RADIUS, MAX_BLUR_RADIUS + 1, dtype=jnp.float32)
+    radius = jnp.floor(4.0 * sigma + 0.5)
+    taps = jnp.where(jnp.abs(t) <= radius, jnp.exp(-0.5 * (t / sigma) ** 2), 0.0)
+    taps = taps / jnp.sum(taps)
+    x = jnp.einsum("ih,nhwc->niwc", _nearest_filter_matrix(h, taps), x, precision=_HIGHEST)
+    return jnp.einsum("jw,niwc->nijc", _nearest_filter_matrix(w, taps), x, precision=_HIGHEST)
+
+
+def _defocus_kernel(radius: Array, alias_blur: Array) -> Array:
+    """The reference's disk(radius, alias_blur) on a fixed f32[21, 21] grid.
+
+    The reference builds the disk on the grid |X|, |Y| <= L with L = 8 (r <= 8) or r,
+    then smooths it with cv2.GaussianBlur (3x3, or 5x5 for r > 8; border reflect-101
+    at +-L). Here the grid is the static +-MAX_DEFOCUS_RADIUS and points outside +-L
+    are masked, so r is traceable (for r > 8, L = ceil(r)).
+    """
+    g = MAX_DEFOCUS_RADIUS
+    t = jnp.arange(-g, g + 1, dtype=jnp.float32)
+    support = jnp.where(radius <= 8, 8.0, jnp.ceil(radius))
+    inside = (jnp.abs(t) <= support).astype(jnp.float32)
+    disk = (t[:, None] ** 2 + t[None, :] ** 2 <= radius ** 2).astype(jnp.float32)
+    disk = disk * inside[:, None] * inside[None, :]
+    disk = disk / jnp.sum(disk)
+    # cv2.getGaussianKernel(ksize, sigma) taps over d = -2..2, masked to ksize.
+    d = jnp.arange(-2, 3, dtype=jnp.float32)
+    half = jnp.where(radius <= 8, 1.0, 2.0)
+    taps = jnp.where(jnp.abs(d) <= half, jnp.exp(-(d ** 2) / (2.0 * alias_blur ** 2)), 0.0)
+    taps = taps / jnp.sum(taps)
+    j = t[:, None] + d[None, :]  # [21, 5] neighbour coordinates
+    j = jnp.where(j > support, 2.0 * support - j, jnp.where(j < -support, -2.0 * support - j, j))
+    idx = jnp.clip(j + g, 0, 2 * g).astype(jnp.int32)
+    kernel = jnp.einsum("ijk,j->ik", disk[idx], taps, precision=_HIGHEST)  # along rows
+    kernel = jnp.einsum("kij,j->ki", kernel[:, idx], taps, precision=_HIGHEST)  # along cols
+    return kernel * inside[:, None] * inside[None, :]
+
+
+def _defocus_blur(x: Array, p: Array, key: Array) -> Array:
+    del key
+    g = MAX_DEFOCUS_RADIUS
+    x = jnp.pad(x, ((0, 0), (g, g), (g, g), (0, 0)), mode="reflect")  # cv2 reflect-101
+    return _depthwise(x, _defocus_kernel(p[0], p[1]))
+
+
+def _interp_axis(x: Array, coord: Array, axis: int) -> Array:
+    """Linear interpolation of `x` along `axis` at f32[n] coordinates within [0, size - 1]."""
+    n = x.shape[axis]
+    lo = jnp.floor(coord)
+    frac = coord - lo
+    i0 = jnp.clip(lo.astype(jnp.int32), 0, n - 1)
+    i1 = jnp.clip(i0 + 1, 0, n - 1)
+    shape = [1] * x.ndim
+    shape[axis] = n
+    frac = frac.reshape(shape)
+    return jnp.take(x, i0, axis=axis) * (1 - frac) + jnp.take(x, i1, axis=axis) * frac
+
+
+def _zoom_coords(n: int, z: Array) -> Array:
+    """Source coordinates f32[n] of the reference's clipped_zoom along one axis.
+
+    clipped_zoom crops the centre crop = ceil(n / z), scipy.ndimage.zoom(order=1)s it
+    to out = round(crop * z) pixels and keeps the centre n. The offsets keep an exact
+    integer n / z that integer and round .5 ties up, as the reference's float64 factors
+    (a hair above their decimals) do for every preset factor at 32 and 224 px.
+    """
+    crop = jnp.ceil(n / z - 1e-4)
+    out = jnp.floor(crop * z + 0.5 + 1e-4)
+    top = jnp.floor((n - crop) / 2)
+    trim = jnp.floor((out - n) / 2)
+    scale = (crop - 1) / jnp.maximum(out - 1, 1)
+    return top + (jnp.arange(n, dtype=jnp.float32) + trim) * scale
+
+
+def _zoom_blur(x: Array, p: Array, key: Array) -> Array:
+    # A fixed MAX_ZOOMS slots, each zoom kept where its factor is nonzero, so the
+    # factor list is traceable.
+    del key
+    _, h, w, _ = x.shape
+
+    def add_zoom(total: Array, z: Array) -> tuple[Array, None]:
+        z1 = jnp.maximum(z, 1.0)
+        zoomed = _interp_axis(_interp_axis(x, _zoom_coords(h, z1), 1), _zoom_coords(w, z1), 2)
+        return total + jnp.where(z > 0, zoomed, 0.0), None
+
+    total, _ = lax.scan(add_zoom, x, p)
+    return total / (jnp.sum(p > 0) + 1).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------- colour ops
+
+
+def _brightness(x: Array, p: Array, key: Array) -> Array:
+    del key
+    if x.shape[-1] == 1:
+        return x + p[0]
+    return _map_hsv(x, lambda hsv: hsv.at[..., 2].set(jnp.clip(hsv[..., 2] + p[0], 0, 1)))
+
+
+def _contrast(x: Array, p: Array, key: Array) -> Array:
+    del key
+    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+    return (x - mean) * p[0] + mean
+
+
+def _saturate(x: Array, p: Array, key: Array) -> Array:
+    del key
+    if x.shape[-1] == 1:
+        return x
+    return _map_hsv(x, lambda hsv: hsv.at[..., 1].set(jnp.clip(hsv[..., 1] * p[0] + p[1], 0, 1)))
+
+
+# ------------------------------------------------------------------ pixelate
+
+
+def _box_resample_matrix(n: int, c: Array) -> Array:
+    """f32[n, n]: PIL BOX resize n -> m = int(n * c) -> n, as one matrix.
+
+    PIL's BOX filter assigns each input pixel x to output pixel ceil(m(2x+1)/2n) - 1
+    when shrinking and output X reads pixel floor(m(2X+1)/2n) when growing; here in
+    exact integer arithmetic on static-size index arrays, so m may be traced.
+    """
+    m = jnp.clip(jnp.floor(n * c + 1e-4), 1, n).astype(jnp.int32)
+    i = jnp.arange(n, dtype=jnp.int32)
+    group_of_input = (m * (2 * i + 1) + 2 * n - 1) // (2 * n) - 1
+    group_of_output = (m * (2 * i + 1)) // (2 * n)
+    member = (group_of_output[:, None] == group_of_input[None, :]).astype(jnp.float32)
+    return member / jnp.sum(member, axis=1, keepdims=True)
+
+
+def _pixelate(x: Array, p: Array, key: Array) -> Array:
+    del key
+    _, h, w, _ = x.shape
+    x = jnp.einsum("ih,nhwc->niwc", _box_resample_matrix(h, p[0]), x, precision=_HIGHEST)
+    return jnp.einsum("jw,niwc->nijc", _box_resample_matrix(w, p[0]), x, precision=_HIGHEST)
+
+
+# ----------------------------------------------------------------------- fog
+
+
+def _plasma_uniforms(key: Array, size: int, n: int) -> list[Array]:
+    """U(-1, 1) draws of diamond-square for n maps: level k gets f32[n, 3, 2^k, 2^k]."""
+    sizes = [3 * 4**k for k in range(size.bit_length() - 1)]
+    flat = jax.random.uniform(key, (n, sum(sizes)), minval=-1.0)  # one draw: fast to compile
+    levels = jnp.split(flat, np.cumsum(sizes)[:-1], axis=1)
+    return [u.reshape(n, 3, 2**k, 2**k) for k, u in enumerate(levels)]
+
+
+def _plasma_fractal(uniforms: Sequence[Array], decay: Array) -> Array:
+    """Diamond-square height map f32[S, S] in [0, 1] (the reference's plasma_fractal).
+
+    Level k refines the 2^k x 2^k grid of points filled so far into the 2^(k+1) grid by
+    interleaving the new square and diamond points (no scatters: fast to compile).
+    The reference's wibbledmean adds wibble * U(-wibble, wibble) = wibble^2 * U(-1, 1),
+    wibble = 100 divided by `decay` after each level.
+    """
+    grid = jnp.zeros((1, 1), jnp.float32)
+    wibble = jnp.asarray(100.0, jnp.float32)
+    for u in uniforms:
+        n = grid.shape[0]
+        u = wibble * wibble * u
+        down = jnp.roll(grid, -1, axis=0)  # grid[i + 1, j]
+        right, down_right = jnp.roll(jnp.stack([grid, down]), -1, axis=2)  # [i, j + 1], ...
+        centre = (grid + down + right + down_right) / 4 + u[0]  # rows half::step, cols half::step
+        above, before = jnp.roll(centre, 1, axis=0), jnp.roll(centre, 1, axis=1)
+        left = (centre + above + grid + right) / 4 + u[1]  # rows 0::step, cols half::step
+        top = (centre + before + grid + down) / 4 + u[2]  # rows half::step, cols 0::step
+        fine = jnp.stack([grid, left, top, centre]).reshape(2, 2, n, n)  # [row parity, col parity]
+        grid = fine.transpose(2, 0, 3, 1).reshape(2 * n, 2 * n)
+        wibble = wibble / decay
+    grid = grid - jnp.min(grid)
+    return grid / jnp.maximum(jnp.max(grid), 1e-12)
+
+
+def _fog(x: Array, p: Array, key: Array) -> Array:
+    n, h, w, _ = x.shape
+    size = max(2, 1 << (max(h, w) - 1).bit_length())  # next power of 2 >= max(H, W)
+    maps = jax.vmap(lambda u: _plasma_fractal(u, p[1]))(_plasma_uniforms(key, size, n))
+    peak = jnp.max(x, axis=(1, 2, 3), keepdims=True)
+    amplitude = p[0]
+    return (x + amplitude * maps[:, :h, :w, None]) * peak / jnp.maximum(peak + amplitude, 1e-12)
+
+
+# ---------------------------------------------------------------- geometric
+
+
+def _resample(x: Array, src_i: Array, src_j: Array) -> Array:
+    """Bilinear sampling of f32[N, H, W, C] at per-image coordinates f32[N, H, W], zero fill."""
+    def one_image(img: Array, si: Array, sj: Array) -> Array:
+        sample = lambda ch: ndimage.map_coordinates(ch, [si, sj], order=1, mode="constant")
+        return jax.vmap(sample, in_axes=2, out_axes=2)(img)
+
+    return jax.vmap(one_image)(x, src_i, src_j)
+
+
+def _pixel_grid(h: int, w: int) -> tuple[Array, Array]:
+    i, j = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                        indexing="ij")
+    return i[None], j[None]  # f32[1, H, W]
+
+
+def _rotation(x: Array, p: Array, key: Array) -> Array:
+    n, h, w, _ = x.shape
+    sign = jnp.where(jax.random.bernoulli(key, 0.5, (n,)), 1.0, -1.0)
+    theta = (sign * p[0] * (math.pi / 180.0)).reshape(n, 1, 1)
+    i, j = _pixel_grid(h, w)
+    ci, cj = (h - 1) / 2, (w - 1) / 2
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    src_i = ci + (i - ci) * cos - (j - cj) * sin
+    src_j = cj + (i - ci) * sin + (j - cj) * cos
+    return _resample(x, src_i, src_j)
+
+
+def _translation(x: Array, p: Array, key: Array) -> Array:
+    n, h, w, _ = x.shape
+    angle = jax.random.uniform(key, (n,), maxval=2 * math.pi).reshape(n, 1, 1)
+    shift_i = jnp.round(p[0] * h * jnp.sin(angle))
+    shift_j = jnp.round(p[0] * w * jnp.cos(angle))
+    i, j = _pixel_grid(h, w)
+    return _resample(x, i - shift_i, j - shift_j)
+
+
+def _occlusion(x: Array, p: Array, key: Array) -> Array:
+    # top = round(u * (H - side)) and top + side are monotone in side: nested squares.
+    n, h, w, _ = x.shape
+    side = jnp.round(p[0] * min(h, w))
+    u = jax.random.uniform(key, (n, 2))
+    top = jnp.round(u[:, :1] * (h - side))  # [N, 1]
+    left = jnp.round(u[:, 1:] * (w - side))
+    rows = jnp.arange(h, dtype=jnp.float32)[None, :]
+    cols = jnp.arange(w, dtype=jnp.float32)[None, :]
+    in_rows = (rows >= top) & (rows < top + side)  # [N, H]
+    in_cols = (cols >= left) & (cols < left + side)  # [N, W]
+    hole = in_rows[:, :, None, None] & in_cols[:, None, :, None]
+    return jnp.where(hole, 0.0, x)
+
+
+_IMPLS: dict[str, Callable[[Array, Array, Array], Array]] = {
+    "gaussian_noise": _gaussian_noise,
+    "shot_noise": _shot_noise,
+    "impulse_noise": _impulse_noise,
+    "speckle_noise": _speckle_noise,
+    "gaussian_blur": _gaussian_blur,
+    "defocus_blur": _defocus_blur,
+    "brightness": _brightness,
+    "contrast": _contrast,
+    "saturate": _saturate,
+    "pixelate": _pixelate,
+    "zoom_blur": _zoom_blur,
+    "fog": _fog,
+    "rotation": _rotation,
+    "translation": _translation,
+    "occlusion": _occlusion,
+}
+assert tuple(_IMPLS) == CORRUPTIONS
+
+
+# ---------------------------------------------------------------- public API
+
+
+def perturb_by_param(images: Array, name: str, param: Array, key: Array) -> Array:
+    """Corrupts f32[N, H, W, C] images in [0, 1] with an encoded, possibly traced, f32[P].
+
+    `name` is static; `param` is `param_array(name, ...)` or a row of `stacked_params`
+    (see the module docstring for each layout), so jax.vmap over a stacked f32[5, P]
+    evaluates all severities in one program. Returns the images' shape and dtype.
+    """
+    _check_name(name)
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be [N, H, W, C] with C in (1, 3); got {images.shape}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"images must be float in [0, 1]; got dtype {images.dtype}")
+    size = _param_size(name)
+    if jnp.size(param) != size:
+        raise ValueError(f"{name} takes an encoded param of {size} value(s); "
+                         f"got shape {jnp.shape(param)} (see param_array)")
+    p = jnp.reshape(jnp.asarray(param, jnp.float32), (size,))
+    out = _IMPLS[name](images.astype(jnp.float32), p, key)
+    return jnp.clip(out, 0.0, 1.0).astype(images.dtype)
+
+
+def perturb(images: Array, name: str, severity: int | Array, key: Array,
+            preset: str = "cifar", params: Any = None) -> Array:
+    """Corrupts f32[N, H, W, C] images in [0, 1] with `name` at `severity` (1..5).
+
+    `preset` ("cifar" or "imagenet") picks the ROBUSTNESS.md parameters; `params`
+    overrides them, either one parameter tuple (for every severity) or five (one
+    per severity); it must be concrete. Under jax.jit mark `name` and `preset`
+    static; a static `severity` is validated, a traced one indexes the five
+    parameter vectors (clamped to 1..5). Returns the images' shape and dtype.
+    """
+    _check_name(name)
+    _check_preset(preset)
+    table = PRESETS[preset][name] if params is None else _params_table(name, params)
+    if isinstance(severity, jax.core.Tracer):
+        stacked = jnp.asarray(np.stack([param_array(name, t) for t in table]))
+        index = jnp.asarray(severity, jnp.int32) - 1
+        param = jnp.take(stacked, index, axis=0, mode="clip")
+    else:
+        param = param_array(name, table[_check_severity(severity) - 1])
+    return perturb_by_param(images, name, param, key)
