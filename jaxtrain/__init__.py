@@ -6,10 +6,10 @@ robustness suite. Heavy optional packages (TFDS, matplotlib) load lazily.
 """
 
 from jaxtrain.config import ConfigError, TrainConfig
-from jaxtrain.data import Dataset, load_dataset
+from jaxtrain.data import DataError, Dataset, load_dataset
 from jaxtrain.models import MODELS, create_model
 from jaxtrain.optim import create_optimizer, create_schedule
-from jaxtrain.parallel import Strategy, create_strategy
+from jaxtrain.parallel import ParallelError, Strategy, create_strategy
 from jaxtrain.state import TrainState, create_train_state
 from jaxtrain.steps import cross_entropy, eval_step, train_step
 
@@ -17,7 +17,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "DataError",
     "Dataset",
+    "NonFiniteError",
+    "ParallelError",
+    "Preempted",
+    "load_params",
+    "load_variables",
+    "paired_comparison",
+    "summarize",
+    "summarize_axis",
     "MODELS",
     "Strategy",
     "TrainConfig",
@@ -35,10 +44,22 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # The loop pulls in Orbax and the writers; import it only when asked for.
-    if name == "train_and_evaluate":
-        from jaxtrain.loop import train_and_evaluate
+# The loop and checkpoints pull in Orbax, the writers and scipy: import them on first use.
+_LAZY = {
+    "train_and_evaluate": "jaxtrain.loop",
+    "NonFiniteError": "jaxtrain.loop",
+    "Preempted": "jaxtrain.loop",
+    "load_params": "jaxtrain.checkpoint",
+    "load_variables": "jaxtrain.checkpoint",
+    "summarize": "jaxtrain.stats",
+    "summarize_axis": "jaxtrain.stats",
+    "paired_comparison": "jaxtrain.stats",
+}
 
-        return train_and_evaluate
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'jaxtrain' has no attribute {name!r}")
