@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -127,8 +128,6 @@ OPTIONAL_BACKENDS = {"wandb_project": "wandb", "mlflow_experiment": "mlflow"}
 def check_optional_writers(config: Any) -> None:
     """Raises ``WriterError`` (one line) when ``config`` asks for a backend whose
     package is not installed; imports nothing (called before anything is written)."""
-    import importlib.util
-
     for field, module in OPTIONAL_BACKENDS.items():
         if getattr(config, field, "") and importlib.util.find_spec(module) is None:
             flag = "--" + field.replace("_", "-")
@@ -202,7 +201,8 @@ def create_writers(config: Any, workdir: str, *, resume_step: int | None = None
     steps an earlier attempt wrote).
 
     Optional backends are created first, so a missing package fails before any
-    file is opened."""
+    file is opened. TensorBoard is on by default, so a missing tensorboardX only
+    warns (one line on stderr) and the run goes on without event files."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
     name = os.path.basename(os.path.normpath(workdir))
     writers: list[MetricWriter] = []
@@ -210,7 +210,10 @@ def create_writers(config: Any, workdir: str, *, resume_step: int | None = None
         writers.append(WandbWriter(config.wandb_project, workdir=workdir, config=cfg, name=name))
     if getattr(config, "mlflow_experiment", ""):
         writers.append(MlflowWriter(config.mlflow_experiment, config=cfg, name=name))
-    if getattr(config, "tensorboard", True):
+    if getattr(config, "tensorboard", True) and importlib.util.find_spec("tensorboardX") is None:
+        print("warning: tensorboardX is not installed, so no TensorBoard files are written "
+              "(pip install tensorboardX, or pass --no-tensorboard)", file=sys.stderr)
+    elif getattr(config, "tensorboard", True):
         writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard"), config=cfg,
                                          purge_step=resume_step))
     writers.insert(0, JsonlWriter(os.path.join(workdir, "metrics.jsonl")))

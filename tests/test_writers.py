@@ -144,6 +144,14 @@ def test_cli_with_missing_backend_exits_2_before_writing(tmp_path, monkeypatch, 
     assert not workdir.exists()
 
 
+def test_missing_tensorboardx_only_warns(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    ws = W.create_writers(TrainConfig(), str(tmp_path))
+    assert [type(w) for w in ws] == [W.JsonlWriter]
+    ws[0].close()
+    assert capsys.readouterr().err.startswith("warning: tensorboardX is not installed")
+
+
 def test_optional_packages_not_imported_unless_asked(tmp_path):
     ws = W.create_writers(TrainConfig(), str(tmp_path))
     for w in ws:
