@@ -29,9 +29,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 RESULT_PREFIX = "RESULT "
 
-# XLA:CPU compiles a ResNet-18 step in minutes on 2 cores; the persistent cache
-# threshold of the library (0.5 s) is kept, the benchmarks only point it elsewhere.
-
 
 class BenchmarkError(RuntimeError):
     """A benchmark child failed (message names the case and the child's last lines)."""
@@ -352,3 +349,16 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
+
+
+def _echo_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.common --child JSON`` echoes its case (tests the protocol)."""
+    args = base_parser("echo child").parse_args(argv)
+    if args.child is None:
+        print("benchmarks.common is a library; run a benchmark module instead", file=sys.stderr)
+        return 2
+    return child_main(lambda case: {"echo": case}, args.child)
+
+
+if __name__ == "__main__":
+    sys.exit(_echo_main())

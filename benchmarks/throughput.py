@@ -86,9 +86,8 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
         n_train *= reps
     k = int(case.get("steps_per_call", 1))
     state = loop.build_model_and_state(config, dataset, 10_000)
-    update = loop.make_update(config, resident=True)
-    if k > 1:
-        update = loop.fuse_steps(update, k, resident=True)
+    single = loop.make_update(config, resident=True)
+    update = loop.fuse_steps(single, k, resident=True) if k > 1 else single
     device = jax.devices()[0]
     state = jax.device_put(state, device)
     train = jax.device_put(dataset.train, device)
@@ -101,10 +100,12 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     jitted = jax.jit(update, donate_argnums=(0,))
     t0 = time.perf_counter()
     lowered = jitted.lower(state, train, idxs[0], key)
-    model_flops = common.compiled_flops(lowered)
     compiled = lowered.compile()
     t_compile = time.perf_counter() - t0
-    xla_flops = common.compiled_flops(compiled)
+    # FLOPs of one step, from the single-step program (cost analysis counts a scan body once)
+    one = jax.jit(single).lower(state, train, idxs[0][0] if k > 1 else idxs[0], key)
+    model_flops = common.compiled_flops(one)
+    xla_flops = common.compiled_flops(compiled) if k == 1 else None
 
     counter = {"i": 0}
 
@@ -114,9 +115,12 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
         return st
 
     t0 = time.perf_counter()
-    state = step(state)
+    state, first_metrics = compiled(state, train, idxs[0], key)
     jax.block_until_ready(state)
     t_first = time.perf_counter() - t0
+    # loss of the initial parameters on the first batch: equal across layouts, flags and
+    # lowerings of the same model (a check that a variant computes the same function)
+    first_loss = float(np.ravel(jax.device_get(first_metrics["loss"]))[0])
     if case.get("steps"):
         n = int(case["steps"])
     else:  # as many calls as fit in ``seconds``, judged from one more call
@@ -139,10 +143,11 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
         "median_steps_per_s": k / timing["median_s_per_step"],
         "images_per_s": bs / s_per_step,
         "cpu_s_per_step": timing["cpu_s_per_step"] / k,
-        "flops_per_step": flops / k if flops else None,
-        "xla_compiled_flops_per_step": xla_flops / k if xla_flops else None,
-        "flops_per_s": flops / k / s_per_step if flops else None,
+        "flops_per_step": flops,
+        "xla_compiled_flops_per_step": xla_flops,
+        "flops_per_s": flops / s_per_step if flops else None,
         "params_finite": loss_finite,
+        "first_loss": first_loss,
         "param_count": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
         "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state.params)}),
     }

@@ -304,34 +304,6 @@ def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callabl
     return fused
 
 
-def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callable[..., Any]:
-    """``k`` calls of ``update`` as one ``lax.scan`` (one dispatch for ``k`` steps).
-
-    Takes ``idx_KB`` (resident) or a batch with a leading ``[K]`` axis instead of
-    one step's; metrics come back stacked ``[K]``. Same steps, same results as
-    ``k`` separate calls. Pays where dispatch dominates (small models, GPUs);
-    on XLA:CPU a conv step inside a scan was seen ~10x slower, so it is opt-in
-    (``--steps-per-call``)."""
-
-    if resident:
-
-        def fused(state, data, idx_KB, key, *, axis_name=None):
-            def body(st, idx):
-                return update(st, data, idx, key, axis_name=axis_name)
-
-            return jax.lax.scan(body, state, idx_KB, length=k)
-
-    else:
-
-        def fused(state, batch_K, key, *, axis_name=None):
-            def body(st, batch):
-                return update(st, batch, key, axis_name=axis_name)
-
-            return jax.lax.scan(body, state, batch_K, length=k)
-
-    return fused
-
-
 def call_plan(
     start: int, total: int, k: int, boundaries: tuple[int, ...]
 ) -> list[tuple[int, int]]:
@@ -504,6 +476,7 @@ def train_and_evaluate(
     )
 
     # --- model, state, checkpoint -----------------------------------------------------
+    setup_compilation_cache(config.compilation_cache)  # before the first compile (init)
     host_state = build_model_and_state(config, dataset, total_steps)
     if config.dry_run:  # compile and report only: nothing trained, nothing written
         return dry_run(config, strategy, dataset, seeds, resident, host_state)
@@ -543,7 +516,6 @@ def train_and_evaluate(
     out = MultiWriter(writers)
 
     # --- compiled steps --------------------------------------------------------------
-    setup_compilation_cache(config.compilation_cache)
     update_fn = make_update(config, resident=resident)
     if seeded:
         placement = SeedPlacement(strategy, config.seed_parallel)

@@ -82,7 +82,8 @@ class Im2ColConv(nn.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         kernel_KF = jnp.transpose(kernel, (2, 0, 1, 3)).reshape((-1, self.features))
-        return jnp.dot(patches, kernel_KF.astype(self.dtype)) + bias.astype(self.dtype)
+        y = jnp.dot(patches, kernel_KF.astype(self.dtype))
+        return y + bias.astype(self.dtype).reshape((1, 1, 1, -1))
 
 
 class CNN(nn.Module):

@@ -1,0 +1,379 @@
+"""Benchmarks and the performance features they measure.
+
+The benchmarks run with tiny sizes and write well-formed JSON (no timing is
+asserted anywhere); the features compute what they claim: ``--steps-per-call``
+and both data placements train identically to the plain loop, ``--dtype
+bfloat16`` computes in bf16 with float32 parameters and optimizer state, the
+im2col CNN is the same function as the XLA-conv CNN, and the PyTorch twins
+used as the peer are the same models. PyTorch parts skip without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import common, pipeline, throughput, time_to_accuracy, torch_peer
+from experiments.digits_mlp import DEFAULTS
+from jaxtrain import data as data_lib
+from jaxtrain import loop
+from jaxtrain.checkpoint import load_params
+from jaxtrain.config import ConfigError
+from jaxtrain.models import create_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = DEFAULTS.replace(epochs=1, progress="none", compilation_cache="", tensorboard=False)
+needs_torch = pytest.mark.skipif(not torch_peer.have_torch(), reason="PyTorch not installed")
+
+
+def _max_diff(a, b) -> float:
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+
+
+# ----------------------------------------------------------------------------- common
+
+
+def test_compiled_flops_counts_a_matmul():
+    lowered = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 32)), jnp.ones((32, 16)))
+    assert common.compiled_flops(lowered) == 2 * 64 * 32 * 16
+    assert common.compiled_flops(lowered.compile()) == 2 * 64 * 32 * 16
+
+
+def test_peak_memory_reports_host_rss():
+    mem = common.peak_memory()
+    assert mem["host_peak_rss_bytes"] > 50 * 2**20  # jax alone is larger
+    assert set(mem) >= {"device_peak_bytes", "device_bytes_in_use"}
+
+
+def test_time_steps_runs_n_steps_per_repeat_and_syncs_each():
+    synced = []
+    carry, t = common.time_steps(lambda c: c + 1, 0, 5, 3, synced.append)
+    assert carry == 15 and synced == [5, 10, 15]
+    assert len(t["wall_s"]) == 3 and t["best_s_per_step"] <= t["median_s_per_step"]
+
+
+def test_write_results_names_device_and_command(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path), tag=None, smoke=True)
+    info = common.machine_info("a note")
+    path = common.write_results("demo", args, info, {"results": [{"x": np.float32(1.5)}]})
+    assert os.path.basename(path) == "demo-cpu-smoke.json"
+    doc = json.load(open(path))
+    assert doc["machine"]["device"].startswith("cpu: ") and doc["machine"]["note"] == "a note"
+    assert doc["machine"]["cpu_cores"] >= 1 and doc["smoke"] is True
+    assert doc["results"] == [{"x": 1.5}] and doc["command"].startswith("python -m ")
+
+
+def test_run_child_round_trip_and_failure():
+    r = common.run_child("benchmarks.common", {"x": [1, 2]}, env={"BENCH_TEST": "1"},
+                         timeout=300)
+    assert r["echo"] == {"x": [1, 2]} and r["memory"]["host_peak_rss_bytes"] > 0
+    with pytest.raises(common.BenchmarkError, match=r"'x': 3.*exit 1"):
+        common.run_child("benchmarks.common", {"x": 3, "bad": float("nan")}, timeout=300,
+                         env={"XLA_FLAGS": "--no_such_xla_flag"})
+
+
+def _in_process(monkeypatch, child):
+    """Runs a benchmark's children in this process (no subprocess, no second compile)."""
+
+    def run_child(module, case, **kwargs):
+        return {**child(json.loads(json.dumps(case))), "memory": common.peak_memory()}
+
+    monkeypatch.setattr(common, "run_child", run_child)
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def test_throughput_main_writes_consistent_figures(tmp_path, monkeypatch, capsys):
+    _in_process(monkeypatch, throughput.measure_case)
+    assert throughput.main(["--smoke", "--cases", "mlp:digits", "--out", str(tmp_path),
+                            "--note", "test", "--peak-flops", "1e12"]) == 0
+    assert "steps/s" in capsys.readouterr().out
+    doc = json.load(open(tmp_path / "throughput-cpu-smoke.json"))
+    assert doc["machine"]["platform"] == "cpu" and doc["machine"]["note"] == "test"
+    (r,) = doc["results"]
+    assert r["model"] == "mlp" and r["batch_size"] == 16 and r["memory"]["host_peak_rss_bytes"] > 0
+    forward = 2 * 16 * (64 * 256 + 256 * 256 + 256 * 10)  # matmul FLOPs of one forward pass
+    assert 2.5 * forward < r["flops_per_step"] < 4 * forward  # forward + backward + Adam
+    assert r["images_per_s"] == pytest.approx(16 * r["steps_per_s"])
+    assert r["mfu"] == pytest.approx(r["flops_per_step"] * r["steps_per_s"] / 1e12)
+    assert r["param_dtypes"] == ["float32"] and r["params_finite"]
+    assert r["param_count"] == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    # K fused steps: FLOPs still per step (a scan body is counted once), same first step
+    fused = throughput.measure_case({**r, "steps_per_call": 3})
+    assert fused["flops_per_step"] == r["flops_per_step"]
+    assert fused["first_loss"] == pytest.approx(r["first_loss"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_main_measures_every_mode(tmp_path, monkeypatch):
+    _in_process(monkeypatch, pipeline.measure_pipeline)
+    assert pipeline.main(["--smoke", "--cases", "mlp:digits", "--out", str(tmp_path)]) == 0
+    doc = json.load(open(tmp_path / "pipeline-cpu-smoke.json"))
+    (r,) = doc["results"]
+    assert "loop_check" not in doc and r["auto_placement"] == "device"
+    for mode in pipeline.MODES:
+        assert r[f"{mode}_steps_per_s"] > 0 and len(r["s_per_step"][mode]) == 1
+    assert r["synthetic_vs_synthetic"] == 1.0 and r["params_finite"]
+
+
+def test_host_and_device_placement_train_identically(tmp_path, monkeypatch):
+    """Batches gathered on the host and streamed equal batches gathered inside the step
+    (8-device mesh); ``--data-placement auto`` picks by ``DEVICE_DATA_BYTES``."""
+    params, summaries = {}, {}
+    for where in ("host", "device"):
+        workdir = str(tmp_path / where)
+        # digits is ~300 kB: it lives on the device unless the threshold is below that
+        monkeypatch.setattr(loop, "DEVICE_DATA_BYTES", 1 if where == "host" else 1 << 30)
+        summaries[where] = loop.train_and_evaluate(FAST.replace(data_placement="auto"), workdir)
+        params[where] = load_params(workdir)
+        manifest = json.load(open(os.path.join(workdir, "config.json")))
+        assert manifest["data"]["resident"] == (where == "device")
+    assert _max_diff(params["host"], params["device"]) == 0.0
+    assert summaries["host"]["test_accuracy"] == summaries["device"]["test_accuracy"]
+
+
+# ----------------------------------------------------------------------------- --steps-per-call
+
+
+@pytest.mark.parametrize(
+    "start, total, k, boundaries, expected",
+    [
+        (0, 10, 1, (5,), [(i, 1) for i in range(10)]),
+        (0, 10, 4, (5,), [(0, 4), (4, 1), (5, 4), (9, 1)]),
+        (3, 12, 3, (6, 0), [(3, 3), (6, 3), (9, 3)]),
+        (4, 12, 3, (6, 0), [(4, 1), (5, 1), (6, 3), (9, 3)]),
+        (0, 8, 8, (20,), [(0, 8)]),
+    ],
+)
+def test_call_plan(start, total, k, boundaries, expected):
+    assert loop.call_plan(start, total, k, boundaries) == expected
+
+
+def test_call_plan_covers_every_step_once_and_never_crosses_a_boundary():
+    for k in (1, 2, 3, 7):
+        plan = loop.call_plan(5, 103, k, (10, 25))
+        steps = [s + i for s, n in plan for i in range(n)]
+        assert steps == list(range(5, 103))
+        for s, n in plan:
+            assert n in (1, k)
+            assert all((s + i) % 10 and (s + i) % 25 for i in range(1, n)), (s, n)
+
+
+def test_unstack_steps_splits_fused_metrics_only():
+    fused = {"loss": np.arange(3.0), "nonfinite": np.zeros(3, np.int32)}
+    assert [m["loss"] for m in loop.unstack_steps(fused, seeded=False)] == [0.0, 1.0, 2.0]
+    single = {"loss": np.float32(1.0), "nonfinite": np.int32(0)}
+    assert loop.unstack_steps(single, seeded=False) == [single]
+    seeds = {"loss": np.arange(4.0)}  # a seed run's [S] metrics are one step
+    assert loop.unstack_steps(seeds, seeded=True) == [seeds]
+
+
+def test_steps_per_call_trains_like_single_steps(tmp_path):
+    """K fused steps (plus single steps at the epoch boundary) = the same run."""
+    params, lines = {}, {}
+    for k in (1, 6):  # 20 steps per epoch: calls of 6, 6, 6, then 1, 1
+        workdir = str(tmp_path / f"k{k}")
+        loop.train_and_evaluate(FAST.replace(parallel="none", steps_per_call=k, log_every=5),
+                                workdir)
+        params[k] = load_params(workdir)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            lines[k] = [json.loads(line) for line in f]
+    assert _max_diff(params[1], params[6]) < 1e-6
+    val = {k: [(r["step"], r["accuracy"]) for r in v if r["split"] == "val"]
+           for k, v in lines.items()}
+    assert val[1] == val[6] and val[1][0][0] == 20
+    assert {r["step"] for r in lines[6] if r["split"] == "train"} >= {20}
+
+
+def test_steps_per_call_refuses_several_devices_and_seeds(tmp_path):
+    with pytest.raises(ConfigError, match="--steps-per-call 4 needs one device"):
+        loop.train_and_evaluate(FAST.replace(parallel="mesh", steps_per_call=4),
+                                str(tmp_path / "mesh"))
+    with pytest.raises(ConfigError, match="--steps-per-call > 1 runs one seed only"):
+        FAST.replace(num_seeds=2, steps_per_call=2).validate()
+
+
+# ----------------------------------------------------------------------------- bfloat16
+
+
+def _matmul_dtypes(jaxpr) -> set[tuple[str, ...]]:
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found |= _matmul_dtypes(sub)
+    return found
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "resnet_tiny"])
+def test_bfloat16_computes_in_bf16_with_float32_state(model):
+    """Every matmul and convolution (forward and backward) in the compute dtype;
+    parameters, BatchNorm statistics and optimizer state stay float32."""
+    case = {"model": model, "data": "mnist", "batch_size": 8, "synthetic_size": 64}
+    loss = {}
+    for dtype in ("float32", "bfloat16"):
+        config = throughput.train_config({**case, "dtype": dtype})
+        dataset = throughput.load(config)
+        state = loop.build_model_and_state(config, dataset, 10)
+        update = loop.make_update(config, resident=True)
+        args = (state, dataset.train, jnp.arange(8), loop.step_key(0))
+        matmuls = _matmul_dtypes(jax.make_jaxpr(update)(*args).jaxpr)
+        assert matmuls == {(dtype, dtype)}, matmuls
+        new_state, metrics = jax.eval_shape(update, *args)  # shapes and dtypes, no compile
+        for tree in (state, new_state):
+            leaves = jax.tree.leaves((tree.params, tree.opt_state, tree.model_state))
+            assert {x.dtype for x in leaves} <= {jnp.dtype("float32"), jnp.dtype("int32")}
+        assert metrics["loss"].dtype == jnp.float32
+        if model == "mlp":  # run it: a bf16 loss near, but not equal to, the f32 one
+            loss[dtype] = float(jax.jit(update)(*args)[1]["loss"])
+    if loss:
+        assert loss["bfloat16"] != loss["float32"]
+        assert loss["bfloat16"] == pytest.approx(loss["float32"], rel=3e-2)
+
+
+# ----------------------------------------------------------------------------- im2col CNN
+
+
+def test_im2col_cnn_is_the_same_function_with_the_same_params():
+    x = jax.random.uniform(jax.random.key(0), (4, 12, 12, 3))
+    xla = create_model("cnn", 10)
+    im2col = xla.clone(conv="im2col")
+    variables = jax.jit(xla.init)(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+        jnp.shape, jax.eval_shape(im2col.init, jax.random.key(1), x))
+
+    @jax.jit
+    def outputs_and_grads(v):
+        loss = lambda m, v: jnp.sum(m.apply(v, x) ** 2)  # noqa: E731
+        return (xla.apply(v, x), im2col.apply(v, x),
+                jax.grad(functools.partial(loss, xla))(v),
+                jax.grad(functools.partial(loss, im2col))(v))
+
+    y_xla, y_im2col, g_xla, g_im2col = outputs_and_grads(variables)
+    np.testing.assert_allclose(y_im2col, y_xla, atol=1e-5)
+    assert _max_diff(g_xla, g_im2col) < 1e-4
+
+
+# ----------------------------------------------------------------------------- time to accuracy
+
+
+def test_train_to_target_records_the_curve():
+    r = time_to_accuracy.train_to_target({"epochs": 2, "target": 0.0, "t_launch": time.time(),
+                                          "cache": ""})
+    assert r["reached"] and r["epochs_to_target"] == 1 and len(r["curve"]) == 1
+    assert 0 < r["seconds_from_training_start"] < r["seconds_from_launch"]
+    assert r["s_per_step_steady"] > 0 and r["params_dtype"] == "float32"
+
+
+# ----------------------------------------------------------------------------- PyTorch peer
+
+
+@needs_torch
+@pytest.mark.parametrize("model, shape", [("mlp", (8, 8, 1)), ("cnn", (8, 8, 1)),
+                                          ("cnn", (12, 12, 3))])
+def test_torch_twin_is_the_same_function(model, shape):
+    import torch
+
+    mean, std = (0.3,) * shape[-1], (0.2,) * shape[-1]
+    flax_model = create_model(model, 10, mean=mean, std=std)
+    x = np.random.default_rng(0).uniform(size=(5, *shape)).astype(np.float32)
+    variables = jax.jit(flax_model.init)(jax.random.key(1), x)
+    want = jax.jit(flax_model.apply)(variables, x)
+    twin = torch_peer.create_torch_model(model, shape, 10, mean, std)
+    torch_peer.load_flax_params(twin, jax.device_get(variables["params"]))
+    with torch.no_grad():
+        got = twin(torch_peer.to_torch_images(x, "cpu")).numpy()
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+@needs_torch
+def test_torch_resnet18_has_the_same_parameter_count():
+    variables = jax.eval_shape(create_model("resnet18", 10).init, jax.random.key(0),
+                               jnp.zeros((1, 32, 32, 3)))
+    n_flax = sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"]))
+    twin = torch_peer.create_torch_model("resnet18", (32, 32, 3), 10, (0.0,) * 3, (1.0,) * 3)
+    assert sum(p.numel() for p in twin.parameters()) == n_flax
+
+
+@needs_torch
+def test_torch_cosine_schedule_matches_the_library():
+    import torch
+
+    from jaxtrain.optim import create_schedule
+
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=2e-3)
+    sched = torch_peer.torch_cosine(opt, 40)
+    ours = create_schedule("cosine", 2e-3, 40)
+    for t in range(40):
+        assert opt.param_groups[0]["lr"] == pytest.approx(float(ours(t)), rel=1e-5, abs=1e-9)
+        opt.step()
+        sched.step()
+
+
+@needs_torch
+def test_torch_steps_smoke():
+    r = torch_peer.torch_steps({"model": "cnn", "data": "mnist", "batch_size": 8, "steps": 2,
+                                "repeats": 1, "synthetic_size": 64, "threads": [1],
+                                "channels_last": True})
+    assert r["steps_per_s"] > 0 and r["runs"][0]["loss_finite"] and r["best_threads"] == 1
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+
+def _bench(module: str, *args: str, tmp_path, timeout=900) -> dict:
+    proc = subprocess.run([sys.executable, "-m", module, "--smoke", "--out", str(tmp_path), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    (path,) = [p for p in os.listdir(tmp_path) if p.endswith("-cpu-smoke.json")]
+    return json.load(open(tmp_path / path))
+
+
+@pytest.mark.slow
+def test_pipeline_main(tmp_path):
+    doc = _bench("benchmarks.pipeline", "--cases", "mlp:digits", "--loop", tmp_path=tmp_path)
+    assert doc["loop_check"]["identical"] and doc["results"][0]["device_steps_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_main(tmp_path):
+    doc = _bench("benchmarks.time_to_accuracy", "--target", "0.5", tmp_path=tmp_path)
+    cold, warm = doc["results"]
+    assert cold["start"] == "cold" and warm["start"] == "warm" and cold["reached"]
+    assert cold["cache"] == warm["cache"] and os.listdir(cold["cache"])  # the cache was used
+
+
+@needs_torch
+@pytest.mark.slow
+def test_torch_peer_main(tmp_path):
+    doc = _bench("benchmarks.torch_peer", "--suites", "mlp,resnet", "--steps-per-call", "",
+                 tmp_path=tmp_path)
+    runs = {r["name"]: r for r in doc["mlp"]["runs"]}
+    # same initial parameters, same batches, same optimizer: the same test accuracy
+    assert runs["pytorch eager"]["test_accuracy"] == pytest.approx(
+        runs["jaxtrain, cold compile cache"]["test_accuracy"], abs=0.02)
+    assert doc["resnet"]["ratio_images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke(tmp_path):
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, capture_output=True,
+                          text=True, timeout=900,
+                          env={**os.environ, "SMOKE": "1", "OUT": str(tmp_path)})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["smoke"] and summary["device"]
