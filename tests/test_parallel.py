@@ -259,7 +259,9 @@ def test_transfer_guard_catches_a_host_input():
 
 @pytest.mark.slow
 def test_resnet_tiny_agrees_across_strategies():
-    config = BN.replace(model="resnet_tiny")
+    # Adam at a modest rate: under the BN config (SGD momentum, lr 0.05) this deeper net
+    # amplified float32 reduction-order noise until mesh and none drifted 4e-3 apart.
+    config = MLP.replace(model="resnet_tiny", batch_size=64)
     runs = {kind: train(kind, config, resident=False) for kind in ("none", "mesh", "pmap")}
     for other in ("mesh", "pmap"):
         assert_trees_close(runs[other]["params"], runs["none"]["params"], what=f"{other}: ")
