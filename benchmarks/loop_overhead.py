@@ -89,21 +89,47 @@ def bare_loop(config) -> dict[str, Any]:
     jax.block_until_ready(inputs)
     state, metrics = call(state, inputs[0])  # compiles
     jax.block_until_ready(state)
-    t0 = time.perf_counter()
+    c0, t0 = common.cpu_seconds(), time.perf_counter()
     for x in inputs[1:]:
         state, metrics = call(state, x)
     jax.block_until_ready((state, metrics))
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, common.cpu_seconds() - c0
     return {"steps": total - 1, "seconds": seconds, "steps_per_sec": (total - 1) / seconds,
-            "resident": resident}
+            "cpu_s_per_step": cpu / (total - 1), "resident": resident}
+
+
+class _Clock:
+    """A metric writer that notes process CPU seconds at every write: the loop's train
+    lines end its steady-state windows, its train/val lines start the next one."""
+
+    def __init__(self):
+        self.events: list[tuple[str, int, float]] = []
+
+    def write(self, step, split, metrics):
+        self.events.append((split, int(step), common.cpu_seconds()))
+
+    def close(self):
+        pass
+
+    def cpu_per_step(self) -> float:
+        cpu, steps, prev = 0.0, 0, None
+        for split, step, t in self.events:
+            if split == "train" and prev is not None:  # from the last write to this flush
+                cpu += t - prev[1]
+                steps += step - prev[0]
+            if split in ("train", "val"):
+                prev = (step, t)
+        return cpu / steps if steps else float("nan")
 
 
 def loop_run(config, workdir: str) -> dict[str, Any]:
     from jaxtrain.loop import train_and_evaluate
 
-    summary = train_and_evaluate(config, workdir)
+    clock = _Clock()
+    summary = train_and_evaluate(config, workdir, writer=clock)
     return {"steps": summary["steps"], "steps_per_sec": summary["train_steps_per_sec"],
-            "wall_seconds": summary["wall_seconds"], "test_accuracy": summary["test_accuracy"]}
+            "cpu_s_per_step": clock.cpu_per_step(), "wall_seconds": summary["wall_seconds"],
+            "test_accuracy": summary["test_accuracy"]}
 
 
 def breakdown(config, steps: int = 2000) -> dict[str, float]:
@@ -162,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config.replace(workdir=os.path.join(tmp, f"run{r}"), resume="never")
             loops.append(loop_run(cfg, cfg.workdir))
             bares.append(bare_loop(cfg))
-            print(f"repeat {r}: loop {loops[-1]['steps_per_sec']:.1f} steps/s, "
-                  f"bare {bares[-1]['steps_per_sec']:.1f} steps/s", flush=True)
+            print(f"repeat {r}: loop {loops[-1]['steps_per_sec']:.1f} steps/s "
+                  f"({loops[-1]['cpu_s_per_step'] * 1e6:.0f} us CPU/step), "
+                  f"bare {bares[-1]['steps_per_sec']:.1f} steps/s "
+                  f"({bares[-1]['cpu_s_per_step'] * 1e6:.0f} us CPU/step)", flush=True)
     loop_sps = statistics.median(x["steps_per_sec"] for x in loops)
     bare_sps = statistics.median(x["steps_per_sec"] for x in bares)
     payload: dict[str, Any] = {
@@ -175,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_loop_over_bare": loop_sps / bare_sps,
         "per_repeat_ratio": [a["steps_per_sec"] / b["steps_per_sec"]
                              for a, b in zip(loops, bares, strict=True)],
+        # Process CPU seconds per steady-state step (all threads): steadier than wall
+        # time on a shared machine. bare/loop is the loop's efficiency in CPU terms.
+        "loop_cpu_us_per_step": [x["cpu_s_per_step"] * 1e6 for x in loops],
+        "bare_cpu_us_per_step": [x["cpu_s_per_step"] * 1e6 for x in bares],
+        "cpu_ratio_bare_over_loop": statistics.median(x["cpu_s_per_step"] for x in bares)
+        / statistics.median(x["cpu_s_per_step"] for x in loops),
         "steps": loops[0]["steps"],
         "resident": bares[0]["resident"],
         "test_accuracy": [x["test_accuracy"] for x in loops],
@@ -187,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         [["loop", loop_sps, " ".join(f"{v:.0f}" for v in payload["loop_steps_per_sec"])],
          ["bare", bare_sps, " ".join(f"{v:.0f}" for v in payload["bare_steps_per_sec"])]],
     )
-    print(f"ratio loop/bare = {payload['ratio_loop_over_bare']:.3f} (target >= 0.95)")
+    print(f"ratio loop/bare = {payload['ratio_loop_over_bare']:.3f} (target >= 0.95); "
+          f"CPU per step bare/loop = {payload['cpu_ratio_bare_over_loop']:.3f}")
     if args.breakdown:
         for k, v in payload["host_work_us_per_step"].items():
             print(f"  {k}: {v:.1f} us")
