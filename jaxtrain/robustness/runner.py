@@ -333,6 +333,11 @@ def run_robustness(workdir: str, config: RobustnessConfig | None = None,
     return {**report_lib.headline(report), "files": paths}
 
 
+# What ``train_then_robustness`` evaluates (the run's devices, data dir and progress mode
+# are taken from its training config).
+TRAIN_SUITE = RobustnessConfig()
+
+
 def train_then_robustness(config: TrainConfig) -> dict[str, Any]:
     """``train_and_evaluate(config)``, then ``run_robustness(config.workdir)`` if asked for.
 
@@ -348,7 +353,7 @@ def train_then_robustness(config: TrainConfig) -> dict[str, Any]:
         progress = "none" if config.progress == "none" else "log"
         t0 = time.perf_counter()
         figures = run_robustness(
-            config.workdir, parallel=parallel, devices=config.devices, data_dir=config.data_dir,
+            config.workdir, TRAIN_SUITE, parallel=parallel, devices=config.devices, data_dir=config.data_dir,
             progress=progress, compilation_cache=config.compilation_cache)
         figures["wall_seconds"] = time.perf_counter() - t0
         summary["robustness"] = figures

@@ -1,0 +1,212 @@
+"""The robustness suite on trained runs, end to end: ``run_robustness`` on a trained digits
+MLP (error grows with severity, PGD at least as strong as FGSM, report files), the
+``experiments.robustness`` command line (against a baseline report; bad input exits 2
+with one line), and the ``experiments.digits_seeds`` main job (small flags here, full
+defaults under ``-m slow``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxtrain.robustness import runner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUIET = ["--progress", "none", "--compilation-cache", "", "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A digits MLP trained for 4 epochs (~97% test accuracy) on one device."""
+    from experiments import digits_mlp
+
+    workdir = str(tmp_path_factory.mktemp("runs") / "mlp")
+    code = digits_mlp.main(["--workdir", workdir, "--epochs", "4", "--parallel", "none",
+                            "--best-metric", "", *QUIET])
+    assert code == 0
+    return workdir
+
+
+SUITE = {"corruptions": "gaussian_noise,contrast,occlusion", "preset": "imagenet",
+         "attacks": "fgsm,pgd_linf", "eps": (0.05, 0.1, 0.3), "flip_frames": 4,
+         "progress": "none", "compilation_cache": ""}
+
+
+@pytest.fixture(scope="module")
+def report(trained):
+    """run_robustness on the trained run (8 fake devices: a mesh)."""
+    figures = runner.run_robustness(trained, **SUITE)
+    with open(os.path.join(trained, "robustness", "report.json")) as f:
+        return figures, json.load(f)
+
+
+def _accuracy(report, name):
+    return np.asarray(report["corruptions"][name]["accuracy"]["mean"])
+
+
+def test_error_grows_with_severity_on_a_trained_model(report):
+    _, rep = report
+    clean = rep["clean"]["accuracy"]["mean"]
+    assert clean > 0.9
+    acc = np.stack([_accuracy(rep, n) for n in ("gaussian_noise", "contrast", "occlusion")])
+    for row in acc:
+        assert row[-1] < row[0] - 0.05 and row[-1] < clean - 0.1, row
+    assert np.all(np.diff(acc.mean(0)) < 0), acc.mean(0)  # mean error rises at every severity
+    by_sev = np.asarray(rep["by_severity"]["error"]["mean"])
+    np.testing.assert_allclose(by_sev, 1 - acc.mean(0), atol=1e-12)
+    mce = rep["summary"]["mean_corruption_error"]["mean"]
+    assert mce == pytest.approx(1 - acc.mean())
+
+
+def test_pgd_breaks_a_trained_model_at_least_as_often_as_fgsm(report):
+    _, rep = report
+    f = np.asarray(rep["attacks"]["fgsm"]["robust_accuracy"]["mean"])
+    p = np.asarray(rep["attacks"]["pgd_linf"]["robust_accuracy"]["mean"])
+    n = rep["run"]["test_examples"]
+    assert rep["attacks"]["pgd_linf"]["eps"] == [0.05, 0.1, 0.3]
+    assert rep["attacks"]["pgd_linf"]["steps"] == 10  # the digits preset
+    assert np.all(np.diff(f) <= 0) and np.all(np.diff(p) <= 0)
+    assert np.all(p <= f + 1 / n) and p[-1] < 0.05 and f[0] > 0.5
+
+
+def test_report_files_and_headline(trained, report):
+    figures, rep = report
+    out = os.path.join(trained, "robustness")
+    for name in ("report.json", "report.md", "accuracy_vs_severity.png",
+                 "robust_accuracy_vs_eps.png", "calibration.png", "stability.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 1000, name
+        assert figures["files"][name] == os.path.join(out, name)
+    assert rep["run"]["model"] == "mlp" and rep["run"]["num_seeds"] == 1
+    assert rep["run"]["test_examples"] == 359 and rep["setup"]["preset"] == "imagenet"
+    assert rep["setup"]["devices"]["num_devices"] == 8
+    assert figures["clean_accuracy"] == rep["clean"]["accuracy"]["mean"]
+    with open(os.path.join(out, "report.md")) as f:
+        md = f.read()
+    assert "brightness is x + c" in md  # one-channel note
+    assert "| contrast |" in md and "## Adversarial robustness" in md
+
+
+def test_cli_against_a_baseline_report(trained, report, tmp_path):
+    """The same weights under another name, evaluated against the first report on a
+    deterministic corruption: CE and relative CE are exactly 1."""
+    copy = str(tmp_path / "copy")
+    shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("robustness"))
+    baseline = os.path.join(trained, "robustness", "report.json")
+    cmd = [sys.executable, "-m", "experiments.robustness", "--workdir", copy, "--baseline",
+           baseline, "--corruptions", "contrast", "--severities", "1,3,5", "--preset", "imagenet",
+           "--attacks", "none", "--flip-noises", "none", "--parallel", "none",
+           "--compilation-cache", "", "--no-plots"]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "robustness: digital" in proc.stdout  # progress lines
+    with open(os.path.join(copy, "robustness", "report.json")) as f:
+        rep = json.load(f)
+    s = rep["summary"]
+    assert s["ce"]["contrast"]["mean"] == pytest.approx(1.0)
+    assert s["mce"]["mean"] == pytest.approx(1.0)
+    assert s["relative_mce"]["mean"] == pytest.approx(1.0)
+    assert s["baseline"]["path"] == baseline
+    assert rep["setup"]["severities"] == [1, 3, 5]
+    np.testing.assert_allclose(_accuracy(rep, "contrast"), _accuracy(report[1], "contrast")[[0, 2, 4]])
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "--workdir is required"),
+    (["--workdir", "{missing}"], "does not exist"),
+    (["--workdir", "{empty}"], "holds no checkpoint"),
+    (["--workdir", "{run}", "--corruptions", "snow"], "--corruptions: unknown name 'snow'"),
+    (["--workdir", "{run}", "--severities", "1,7"], "--severities must be values in 1..5"),
+    (["--workdir", "{run}", "--attacks", "fgsm,cw"], "--attacks: unknown name 'cw'"),
+    (["--workdir", "{run}", "--eps", "2"], "--eps is a Linf budget"),
+    (["--workdir", "{run}", "--num-keys", "0"], "--num-keys must be >= 1"),
+    (["--workdir", "{run}", "--baseline", "{missing}"], "--baseline"),
+    (["--workdir", "{run}", "--baseline", "{notreport}"], "is not a robustness report.json"),
+    (["--workdir", "{run}", "--step", "5"], "--step 5"),
+    (["--workdir", "{run}", "--cifar10-corrupted"], "--cifar10-corrupted needs a model of 32x32x3"),
+    (["--workdir", "{run}", "--parallel", "pmap"], "--parallel"),
+])
+def test_bad_input_exits_2_with_one_line(trained, tmp_path, capsys, args, message):
+    from experiments import robustness
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(os.path.join(trained, "config.json"), empty / "config.json")
+    notreport = tmp_path / "other.json"
+    notreport.write_text(json.dumps({"clean": {}}))
+    paths = {"missing": str(tmp_path / "nothing"), "empty": str(empty), "run": trained,
+             "notreport": str(notreport)}
+    argv = [a.format(**paths) for a in args]
+    before = sorted(os.listdir(trained))
+    code = robustness.main([*argv, "--progress", "none", "--compilation-cache", ""])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert sorted(os.listdir(trained)) == before  # nothing written
+
+
+# ----------------------------------------------------------------------------- the main job
+
+
+SMALL_SUITE = runner.RobustnessConfig(
+    corruptions="gaussian_noise,contrast", severities=(1, 3, 5), attacks="fgsm", eps=(0.1,),
+    flip_frames=3)
+
+
+def _check_seed_run(workdir, num_seeds):
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(workdir, "robustness", "report.json")) as f:
+        rep = json.load(f)
+    assert summary["num_seeds"] == num_seeds
+    assert summary["robustness"]["num_seeds"] == num_seeds
+    assert rep["run"]["num_seeds"] == num_seeds and rep["run"]["seeds"] == list(range(num_seeds))
+    acc = rep["clean"]["accuracy"]
+    assert len(acc["values"]) == num_seeds and acc["t_interval"][0] <= acc["mean"] <= acc["t_interval"][1]
+    np.testing.assert_allclose(acc["values"], summary["test_accuracy_per_seed"], atol=1e-6)
+    for st in rep["corruptions"].values():
+        assert np.shape(st["accuracy"]["values"]) == (num_seeds, len(rep["setup"]["severities"]))
+        assert all(lo <= m <= hi for lo, m, hi in zip(st["accuracy"]["t_lo"], st["accuracy"]["mean"],
+                                                       st["accuracy"]["t_hi"]))
+    with open(os.path.join(workdir, "robustness", "report.md")) as f:
+        md = f.read()
+    assert f"{num_seeds} seeds" in md and "95% t-interval" in md
+    for name in ("accuracy_vs_severity.png", "robust_accuracy_vs_eps.png", "calibration.png"):
+        with open(os.path.join(workdir, "robustness", name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    return summary, rep
+
+
+def test_digits_seeds_main_job_small(tmp_path, monkeypatch):
+    """2 seeds, 1 epoch, a small suite (TRAIN_SUITE patched): train, robustness on both
+    seeds in one program, report with per-seed values and intervals."""
+    from experiments import digits_seeds
+
+    monkeypatch.setattr(runner, "TRAIN_SUITE", SMALL_SUITE)
+    workdir = str(tmp_path / "seeds")
+    code = digits_seeds.main(["--workdir", workdir, "--num-seeds", "2", "--epochs", "1", *QUIET])
+    assert code == 0
+    _, rep = _check_seed_run(workdir, 2)
+    assert list(rep["corruptions"]) == ["gaussian_noise", "contrast"]
+
+
+@pytest.mark.slow
+def test_digits_seeds_main_job_full_defaults(tmp_path):
+    """``python -m experiments.digits_seeds`` as the README runs it (16 seeds, 30 epochs,
+    the full suite), in a fresh process without fake devices."""
+    workdir = str(tmp_path / "seeds16")
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "experiments.digits_seeds", "--workdir", workdir,
+                           "--compilation-cache", ""], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=3000, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary, rep = _check_seed_run(workdir, 16)
+    assert len(rep["corruptions"]) == 15 and set(rep["attacks"]) == {"fgsm", "pgd_linf", "pgd_l2"}
+    assert summary["test_accuracy"] > 0.95
