@@ -112,15 +112,13 @@ def test_progress_mode_follows_the_terminal(monkeypatch):
     bar.close()
 
 
-def test_same_seed_twice_gives_identical_metrics(tmp_path):
-    config = digits_mlp.DEFAULTS.replace(epochs=1, seed=5, parallel="none", progress="none",
-                                         eval_every=5, log_every=5, best_metric="", **QUIET)
-    train_and_evaluate(config, str(tmp_path / "a"))
-    train_and_evaluate(config, str(tmp_path / "b"))
-    with open(tmp_path / "a" / "metrics.jsonl") as a, open(tmp_path / "b" / "metrics.jsonl") as b:
+def test_same_seed_twice_gives_identical_metrics(short_run, tmp_path):
+    config, workdir, _, _ = short_run
+    train_and_evaluate(config.replace(progress="none"), str(tmp_path))
+    with open(workdir / "metrics.jsonl") as a, open(tmp_path / "metrics.jsonl") as b:
         first, second = a.read(), b.read()
     assert first == second
-    losses = [r["loss"] for r in read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))
+    losses = [r["loss"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))
               if r["split"] == "train"]
     assert len(losses) >= 4 and len(set(losses)) == len(losses)  # a real trajectory
 
