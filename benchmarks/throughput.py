@@ -162,8 +162,8 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
 def parse_args(argv):
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--cases", type=common.str_list, default=DEFAULT_CASES,
-                   help="model:data pairs, comma separated (models: mlp,cnn,resnet18 or any "
-                        "registry name; data: digits,mnist,cifar)")
+                   help="model:data[:dtype], comma separated (models: mlp,cnn,resnet18 or any "
+                        "registry name; data: digits,mnist,cifar; dtype overrides --dtypes)")
     p.add_argument("--dtypes", type=common.str_list, default=["float32"],
                    help="compute dtypes to run, e.g. float32,bfloat16")
     p.add_argument("--batch-size", type=int, default=128)
@@ -185,10 +185,11 @@ def build_cases(args, platform: str) -> list[dict[str, Any]]:
     cases = []
     on_cpu = platform == "cpu"
     for spec in args.cases:
-        model, _, data = spec.partition(":")
+        model, data, *dtype = [*spec.split(":"), ""][:3] if ":" in spec else (spec, "")
+        dtype = [d for d in dtype if d]
         if data not in DATA:
             raise SystemExit(f"error: unknown data {data!r} in --cases {spec!r}; one of {DATA}")
-        for dtype in args.dtypes:
+        for dtype in dtype or args.dtypes:
             resnet = model.startswith("resnet")
             bs = args.batch_size
             if resnet:
