@@ -360,7 +360,7 @@ def build_parser(config_type: type[TrainConfig], defaults: TrainConfig, prog: st
         if tp is bool:
             parser.add_argument(
                 _flag(field.name), action=argparse.BooleanOptionalAction, default=default,
-                help=field.name.replace("_", " "),
+                help=f"{field.name.replace('_', ' ')} (default: {default})",
             )
             continue
         conv, extra = _parser_type(tp)

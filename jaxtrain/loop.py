@@ -674,6 +674,19 @@ def train_and_evaluate(
         raise NonFiniteError(f"the state at step {step} holds non-finite values ({where}); "
                              "not saving it (try --on-nonfinite rollback or a lower --lr)")
 
+    best_seen: list[float] = []  # best --best-metric value so far in this process
+
+    def improves_best(val: dict[str, Any]) -> bool:
+        """True when ``val`` beats every earlier validation: only then is a best save worth
+        its cost (a save per validation was most of the loop's overhead on small models)."""
+        if not ckpt.tracks_best:
+            return False
+        value = float(np.mean(val[config.best_metric.removeprefix("val_")]))
+        better = not best_seen or (value > best_seen[0] if best_mode == "max" else value < best_seen[0])
+        if better:
+            best_seen[:] = [value]
+        return better
+
     guard = PreemptionGuard().install()
     try:
         step = start_step
@@ -703,7 +716,7 @@ def train_and_evaluate(
                     write(step, "val", val)
                     progress.note(f"step {step} val: loss={np.mean(val['loss']):.4f} "
                                   f"accuracy={np.mean(val['accuracy']):.4f}")
-                if step != total_steps and (ckpt_due or (eval_due and ckpt.tracks_best)):
+                if step != total_steps and (ckpt_due or (eval_due and improves_best(val))):
                     state = checkpoint(step, state, val if val_step == step else None)
                 t_mark, since_mark = time.perf_counter(), 0
             if guard.signum is not None:  # preempted: save at this step boundary, then exit

@@ -186,8 +186,6 @@ def test_tfds_experiments_help_shows_their_defaults(module):
     _check_help_lists_every_field(parser.format_help(), module.DEFAULTS)
 
 
-@pytest.mark.xfail(strict=True, reason="config.build_parser: BooleanOptionalAction flags "
-                   "(--flip, --tensorboard, ...) show no default on Python 3.11")
 def test_help_shows_the_defaults_of_bool_flags():
     parser = build_parser(digits_mlp.Config, digits_mlp.DEFAULTS, "prog")
     _check_help_lists_every_field(parser.format_help(), digits_mlp.DEFAULTS, bools=True)
