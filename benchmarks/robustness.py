@@ -59,6 +59,10 @@ def _setup(num_seeds: int):
     return model, variables, ds.test
 
 
+def _apply(model, variables, images):
+    return model.apply(variables, images, train=False)
+
+
 def run_vmapped(apply_fn, variables, split, spec, options, repeats):
     import jax
 
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
           f"{'ratio':>6} | {'vmapped steady':>14} {'loop steady':>11} {'ratio':>6}")
     for num_seeds in [int(s) for s in args.seeds.split(",")]:
         model, variables, split = _setup(num_seeds)
-        apply_fn = lambda v, x: model.apply(v, x, train=False)
+        apply_fn = functools.partial(_apply, model)
         v_sums, v_first, v_steady = run_vmapped(apply_fn, variables, split, spec, options,
                                                 args.repeats)
         l_sums, l_first, l_steady = run_loop(apply_fn, variables, split, spec, options,

@@ -19,11 +19,15 @@ Programs (each compiled once, then run over fixed-size chunks of the test set):
 - one per attack method: FGSM / PGD-Linf / PGD-L2 vmapped over the epsilon list;
   robustly correct counts per ``[seed, eps]``.
 
-Randomness is a function of keys only, never of the chunking or device count:
-the noise of example ``i`` (its index in the test split) under corruption ``c``
-and key index ``k`` is drawn from ``fold_in(fold_in(fold_in(key, id(c)), k), i)``
-(``example_key``), and attack random starts from
-``fold_in(fold_in(key, id(method)), i)``. The same draw is used at every
+Randomness is a function of keys only, never of the chunking or device count.
+With ``key = PRNGKey(spec.seed)``, ``id(name) = crc32(name) & 0x7FFFFFFF`` and
+``i`` an example's index in the test split, example ``i`` draws
+
+- corruption ``c``, noise key ``k``: ``fold_in(fold_in(fold_in(key, id(c)), k), i)``;
+- flip frame ``t`` of noise ``c``: ``fold_in(fold_in(fold_in(fold_in(key, 0xF11B), id(c)), t), i)``;
+- attack random start: ``fold_in(fold_in(fold_in(key, 0xA77A), id(method)), i)``.
+
+The same draw is used at every
 severity and every epsilon (common random numbers: differences between
 severities come from the severity, not from a new draw) and for every seed
 (seeds are paired). Deterministic corruptions (blurs, colour, pixelate,
