@@ -435,14 +435,27 @@ def _aval_bytes(aval: Any) -> int:
 def _jaxpr_bytes(jaxpr: Any) -> int:
     """Bytes of every value a jaxpr (and its sub-jaxprs) produces: an upper bound of what
     its program keeps live, as if no buffer were ever reused."""
-    from jax.extend.core import jaxprs_in_params
-
     total = 0
     for eqn in jaxpr.eqns:
         total += sum(_aval_bytes(v.aval) for v in eqn.outvars)
-        for sub in jaxprs_in_params(eqn.params):
+        for sub in _sub_jaxprs(eqn.params):
             total += _jaxpr_bytes(sub)
     return total
+
+
+def _sub_jaxprs(params: Mapping[str, Any]) -> Iterable[Any]:
+    """The jaxprs inside an equation's params (scan, cond and pjit bodies, ...)."""
+    try:
+        from jax.extend.core import jaxprs_in_params
+    except ImportError:  # older JAX: look for them by shape
+        def jaxprs_in_params(params):
+            for value in params.values():
+                for v in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(v, "jaxpr", v)
+                    if hasattr(inner, "eqns"):
+                        yield inner
+
+    return jaxprs_in_params(params)
 
 
 def program_bytes(closed_jaxpr: Any) -> int:
