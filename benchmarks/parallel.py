@@ -28,7 +28,7 @@ from benchmarks import common
 STRATEGIES = ("none", "mesh", "pmap")
 
 
-# ----------------------------------------------------------------------------- one device count (child)
+# ----------------------------------------------------------------------------- one count (child)
 
 
 def measure(case: dict[str, Any]) -> dict[str, Any]:
@@ -66,11 +66,11 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
         if resident:
             data = strategy.replicate(dataset.train)
             inputs = [strategy.shard(idx) for idx in batches]  # placed ahead, as the loop does
-            call = lambda st, x, u=update, d=data, k=key: u(st, d, x, k)  # noqa: E731
+            call = lambda st, x, u=update, d=data, k=key: u(st, d, x, k)
         else:  # host batches placed inside the timed loop: the transfer is part of a step
             host = [data_lib.take(dataset.train, idx) for idx in batches]
             inputs = list(range(len(host)))
-            call = (lambda st, i, u=update, s=strategy, h=host, k=key:  # noqa: E731
+            call = (lambda st, i, u=update, s=strategy, h=host, k=key:
                     u(st, s.shard(h[i]), k))
         t0 = time.perf_counter()
         state, _ = call(state, inputs[0])

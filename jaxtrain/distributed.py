@@ -136,7 +136,9 @@ def _port(env: Mapping[str, str], job_id: int) -> str:
     return env.get("JAX_COORDINATOR_PORT") or str(job_id % _PORT_SPAN + _PORT_BASE)
 
 
-def _local_devices(env: Mapping[str, str], tasks_here: int, local_rank: int) -> tuple[int, ...] | None:
+def _local_devices(
+    env: Mapping[str, str], tasks_here: int, local_rank: int
+) -> tuple[int, ...] | None:
     """All devices when alone on the node, else the local rank's one (unless already narrowed)."""
     if tasks_here <= 1:
         return None
@@ -177,7 +179,8 @@ def _slurm(env: Mapping[str, str]) -> dict | None:
     }
     if "SLURM_JOB_ID" in env or "JAX_COORDINATOR_PORT" in env:
         job_id = _env_int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
-        out["coordinator_address"] = f"{first_host(env['SLURM_STEP_NODELIST'])}:{_port(env, job_id)}"
+        host = first_host(env["SLURM_STEP_NODELIST"])
+        out["coordinator_address"] = f"{host}:{_port(env, job_id)}"
     per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
     if "SLURM_LOCALID" in env:
         out["local_device_ids"] = _local_devices(

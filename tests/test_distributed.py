@@ -98,7 +98,9 @@ def cpu_env(devices: int) -> dict[str, str]:
             "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
 
 
-def run_all(commands: list[tuple[list[str], int]], timeout: float = 420) -> list[subprocess.CompletedProcess]:
+def run_all(
+    commands: list[tuple[list[str], int]], timeout: float = 420
+) -> list[subprocess.CompletedProcess]:
     """Starts every ``(command, fake device count)`` at once (the processes of one run
     must meet), waits for all; kills any left if one hangs."""
     procs = [subprocess.Popen(c, cwd=ROOT, env=cpu_env(devices), stdout=subprocess.PIPE,
@@ -243,7 +245,8 @@ def test_flags():
 
     group = detect("10.0.0.1:1234", 4, 2, environ={})
     assert group == ProcessGroup("10.0.0.1:1234", 4, 2, None, "flags")
-    assert detect(None, 2, 1, environ={"JAX_COORDINATOR_ADDRESS": "h:99"}).coordinator_address == "h:99"
+    group = detect(None, 2, 1, environ={"JAX_COORDINATOR_ADDRESS": "h:99"})
+    assert group.coordinator_address == "h:99"
 
 
 def test_slurm_step():
