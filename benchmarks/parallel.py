@@ -14,7 +14,8 @@ device, ``mesh``, ``pmap``) compiles the library's own step
 alternate between strategies so load on a shared machine hits them alike;
 ``vs mesh`` is the ratio within one process. ``max_rel_diff`` checks that the
 strategies computed the same training (params after the same steps, relative
-to the first strategy).
+to the first strategy): ~1e-7 after tens of steps; float32 reduction order
+alone grows it to ~1e-4 over the ~1000 steps of a CPU run.
 """
 
 from __future__ import annotations

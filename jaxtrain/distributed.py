@@ -129,7 +129,9 @@ def _env_int(env: Mapping[str, str], name: str) -> int:
     try:
         return int(env[name])
     except ValueError:
-        raise DistributedError(f"environment variable {name}={env[name]!r} is not an integer")
+        raise DistributedError(
+            f"environment variable {name}={env[name]!r} is not an integer"
+        ) from None
 
 
 def _port(env: Mapping[str, str], job_id: int) -> str:
