@@ -53,6 +53,11 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "xnnpack off": ({}, "--xla_cpu_use_xnnpack=false"),
     "single-thread eigen": ({}, "--xla_cpu_multi_thread_eigen=false"),
     "fast math": ({}, "--xla_cpu_enable_fast_math=true"),
+    "onednn + single-thread eigen": (
+        {}, "--xla_cpu_use_onednn=true --xla_cpu_multi_thread_eigen=false"),
+    "onednn + single-thread eigen + fast math": (
+        {}, "--xla_cpu_use_onednn=true --xla_cpu_multi_thread_eigen=false "
+            "--xla_cpu_enable_fast_math=true"),
 }
 # Not listed: --xla_cpu_use_thunk_runtime=false is ignored by jaxlib 0.10 ("no longer
 # supported"); --xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce returned NaN for
