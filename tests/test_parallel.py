@@ -577,3 +577,26 @@ def test_prefetch_thread_stops_when_the_consumer_stops_early():
 def test_prefetch_rejects_size_zero():
     with pytest.raises(ValueError, match="size"):
         next(prefetch([1], lambda b: b, size=0))
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path, capsys):
+    """``python -m benchmarks.parallel --smoke`` runs, prints the table and writes its JSON."""
+    import json
+
+    from benchmarks import parallel as bench
+
+    assert bench.main(["--smoke", "--devices", "1,2", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "parallel-cpu-smoke.json").read_text())
+    assert doc["fake_devices"] is True
+    by_count = {r["devices"]: r["strategies"] for r in doc["results"]}
+    assert set(by_count[1]) == {"none", "mesh", "pmap"} and set(by_count[2]) == {"mesh", "pmap"}
+    for strategies in by_count.values():
+        for s in strategies.values():
+            assert s["steps_per_s"] > 0 and s["images_per_s"] == pytest.approx(
+                256 * s["steps_per_s"])
+            assert s["max_rel_diff"] < 1e-5  # the same training, whatever the strategy
+    assert "vs mesh" in capsys.readouterr().out
