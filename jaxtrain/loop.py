@@ -741,6 +741,7 @@ def train_and_evaluate(
         write(step, "test", test)
         ckpt.wait()
     finally:
+        inputs.close()  # stops the prefetch thread even when the run failed
         guard.restore()
         profiler.close()
         progress.close()
