@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -177,7 +178,7 @@ def torch_peak_memory() -> dict[str, int | None]:
     return {"host_peak_rss_bytes": host_peak_rss_bytes(), "device_peak_bytes": dev}
 
 
-def mib(n: int | float | None) -> str:
+def mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:.0f}"
 
 
@@ -222,7 +223,7 @@ def compiled_flops(compiled: Any) -> float | None:
     """FLOPs of one call from XLA's cost analysis of a compiled executable (``None`` if absent)."""
     try:
         cost = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
+    except Exception:  # noqa: BLE001  (some backends do not implement it)
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
@@ -250,7 +251,7 @@ def run_child(
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env, cwd=REPO_ROOT,
-                              timeout=timeout)
+                              timeout=timeout, check=False)
     except subprocess.TimeoutExpired as e:
         raise BenchmarkError(f"{module} case {case} ran past {timeout:.0f} s") from e
     for line in reversed(proc.stdout.splitlines()):
@@ -324,7 +325,7 @@ def fmt(x: Any, digits: int = 3) -> str:
     if x is None:
         return "-"
     if isinstance(x, float):
-        if x != x:  # nan
+        if math.isnan(x):
             return "nan"
         if x == 0:
             return "0"

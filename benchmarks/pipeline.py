@@ -45,7 +45,7 @@ def measure_pipeline(case: dict[str, Any]) -> dict[str, Any]:
     n = len(dataset.train["label"])
     bs = config.batch_size
     device = jax.devices()[0]
-    put = lambda x: jax.device_put(x, device)  # noqa: E731
+    put = lambda x: jax.device_put(x, device)
     state = put(loop.build_model_and_state(config, dataset, 10_000))
     key = put(loop.step_key(0))
     train_host = dataset.train
@@ -57,9 +57,9 @@ def measure_pipeline(case: dict[str, Any]) -> dict[str, Any]:
         return data_lib.batch_indices(0, step, n, bs)
 
     feeds = {
-        "host": prefetch(map(lambda s: {k: v[indices(s)] for k, v in train_host.items()},
-                             itertools.count()), put),
-        "device": prefetch(map(lambda s: put(indices(s)), itertools.count()), lambda x: x),
+        "host": prefetch(({k: v[indices(s)] for k, v in train_host.items()}
+                          for s in itertools.count()), put),
+        "device": prefetch((put(indices(s)) for s in itertools.count()), lambda x: x),
         "synthetic": itertools.repeat(put({k: v[indices(0)] for k, v in train_host.items()})),
     }
     calls = {

@@ -185,11 +185,11 @@ def build_cases(args, platform: str) -> list[dict[str, Any]]:
     cases = []
     on_cpu = platform == "cpu"
     for spec in args.cases:
-        model, data, *dtype = [*spec.split(":"), ""][:3] if ":" in spec else (spec, "")
-        dtype = [d for d in dtype if d]
+        model, data, *pinned = [*spec.split(":"), ""][:3] if ":" in spec else (spec, "")
+        pinned = [d for d in pinned if d]
         if data not in DATA:
             raise SystemExit(f"error: unknown data {data!r} in --cases {spec!r}; one of {DATA}")
-        for dtype in dtype or args.dtypes:
+        for dtype in pinned or args.dtypes:
             resnet = model.startswith("resnet")
             bs = args.batch_size
             if resnet:

@@ -51,10 +51,10 @@ def train_to_target(case: dict[str, Any]) -> dict[str, Any]:
     state = jax.device_put(loop.build_model_and_state(config, dataset, total), device)
     update = jax.jit(loop.make_update(config, resident=True), donate_argnums=(0,))
     eval_fn = jax.jit(eval_step)
-    put = lambda x: jax.device_put(x, device)  # noqa: E731
+    put = lambda x: jax.device_put(x, device)
     train = put(dataset.train)
     key = put(loop.step_key(config.seed))
-    evaluate = lambda st: loop.evaluate(put, jax.device_get, eval_fn, st, dataset.test,  # noqa: E731
+    evaluate = lambda st: loop.evaluate(put, jax.device_get, eval_fn, st, dataset.test,
                                         config.eval_batch_size)
     curve, hit, t_first_step, epoch_times = [], None, None, []
     t_epoch = time.time()

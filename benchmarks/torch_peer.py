@@ -28,6 +28,7 @@ PyTorch is an optional dependency of the benchmarks only (``pip install torch``)
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 import tempfile
@@ -56,8 +57,8 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "onednn + single-thread eigen": (
         {}, "--xla_cpu_use_onednn=true --xla_cpu_multi_thread_eigen=false"),
     "onednn + single-thread eigen + fast math": (
-        {}, "--xla_cpu_use_onednn=true --xla_cpu_multi_thread_eigen=false "
-            "--xla_cpu_enable_fast_math=true"),
+        {}, ("--xla_cpu_use_onednn=true --xla_cpu_multi_thread_eigen=false "
+             "--xla_cpu_enable_fast_math=true")),
 }
 # Not listed: --xla_cpu_use_thunk_runtime=false is ignored by jaxlib 0.10 ("no longer
 # supported"); --xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce returned NaN for
@@ -99,7 +100,7 @@ def _torch_modules():
             super().__init__()
             self.norm = Standardize(mean, std)
             sizes = [int(torch.tensor(in_shape_CHW).prod()), *hidden]
-            self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+            self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
             self.head = nn.Linear(sizes[-1], num_classes)
 
         def forward(self, x_BCHW):
@@ -375,7 +376,7 @@ def torch_train(case: dict[str, Any]) -> dict[str, Any]:
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
         step = make_torch_step(model, opt, torch_cosine(opt, total), device_type=device.type)
 
-        def accuracy(name):
+        def accuracy(name, model=model):
             x, y = split[name]
             with torch.no_grad():
                 correct = sum(int((model(x[i:i + config.eval_batch_size]).argmax(-1)

@@ -565,16 +565,20 @@ def train_and_evaluate(
     # inputs yield (n, x): x feeds n steps (one compiled call)
     if resident:
         train_data = put_shared(dataset.train)
-        inputs = prefetch(map(lambda c: (c[1], put_batch(stacked(indices, *c))), chunks),
+        inputs = prefetch(((n, put_batch(stacked(indices, s, n))) for s, n in chunks),
                           lambda x: x)
-        call = lambda st, x: (fused if x[0] > 1 else update)(st, train_data, x[1], key)  # noqa: E731
+
+        def call(st, x):
+            return (fused if x[0] > 1 else update)(st, train_data, x[1], key)
     else:
         def host_batch(step):
             return {k: v[indices(step)] for k, v in dataset.train.items()}
 
-        inputs = prefetch(map(lambda c: (c[1], stacked(host_batch, *c)), chunks),
+        inputs = prefetch(((n, stacked(host_batch, s, n)) for s, n in chunks),
                           lambda x: (x[0], put_batch(x[1])))
-        call = lambda st, x: (fused if x[0] > 1 else update)(st, x[1], key)  # noqa: E731
+
+        def call(st, x):
+            return (fused if x[0] > 1 else update)(st, x[1], key)
     run_eval = functools.partial(evaluate, put_eval, get, evaluate_fn)
     take_snapshot = jax.jit(snapshot) if seeded else strategy.compile(snapshot)
 
