@@ -227,7 +227,8 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The permutation ``int32[n]`` of training examples for ``epoch``: a function of (seed, epoch).
 
     Read-only (cached): copy before modifying."""
-    order = np.asarray(_permutation(seed, epoch, n)).astype(np.int32)
+    # uint32: seeds up to 2**32 - 1 are valid and would overflow a traced int32.
+    order = np.asarray(_permutation(np.uint32(seed), np.uint32(epoch), n)).astype(np.int32)
     order.setflags(write=False)
     return order
 
