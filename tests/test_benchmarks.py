@@ -371,6 +371,13 @@ def test_torch_peer_main(tmp_path):
     # same initial parameters, same batches, same optimizer: the same test accuracy
     assert runs["pytorch eager"]["test_accuracy"] == pytest.approx(
         runs["jaxtrain, cold compile cache"]["test_accuracy"], abs=0.02)
+    # like for like (loop + evals) beside end to end, on both sides
+    for run in runs.values():
+        assert 0 < run["train_eval_s"] < run["end_to_end_s"]
+        assert run["speedup_vs_torch_train_eval"] > 0 and run["speedup_vs_torch_wall"] > 0
+    jax_run = runs["jaxtrain, cold compile cache"]
+    assert jax_run["end_to_end_s"] == jax_run["wall_s"] == pytest.approx(
+        jax_run["setup_s"] + jax_run["train_eval_s"] + jax_run["finish_s"])
     assert doc["resnet"]["ratio_images_per_s"] > 0
 
 
