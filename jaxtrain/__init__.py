@@ -10,6 +10,7 @@ from jaxtrain.data import DataError, Dataset, load_dataset
 from jaxtrain.models import MODELS, create_model
 from jaxtrain.optim import create_optimizer, create_schedule
 from jaxtrain.parallel import ParallelError, Strategy, create_strategy
+from jaxtrain.seeds import map_seeds
 from jaxtrain.state import TrainState, create_train_state
 from jaxtrain.steps import cross_entropy, eval_step, train_step
 
@@ -39,6 +40,7 @@ __all__ = [
     "cross_entropy",
     "eval_step",
     "load_dataset",
+    "map_seeds",
     "train_and_evaluate",
     "train_step",
 ]

@@ -61,6 +61,8 @@ class TrainConfig:
     seed: int = 0
     num_seeds: int = 1
     seed_parallel: bool = False
+    # seeds each device computes at a time (lax.map chunks); 0 = all that fit in memory
+    seed_chunk: int = 0
     # loop
     workdir: str = "runs/default"
     eval_every: int = 0
@@ -100,6 +102,7 @@ class TrainConfig:
             "workdir", "resume", "progress", "log_every", "compilation_cache", "parallel",
             "devices", "coordinator_address", "num_processes", "process_id", "data_dir",
             "checkpoint_every", "keep_checkpoints", "data_placement", "eval_batch_size", "seed_parallel",
+            "seed_chunk",
             "deterministic", "best_metric", "best_mode", "on_nonfinite", "max_skipped",
             "tensorboard", "wandb_project", "mlflow_experiment", "profile_steps", "dry_run",
             "steps_per_call",
@@ -120,7 +123,7 @@ class TrainConfig:
         check_types(self)
         positive = ("epochs", "batch_size", "num_seeds", "eval_batch_size", "synthetic_size",
                     "log_every", "max_skipped", "keep_checkpoints", "steps_per_call")
-        non_negative = ("eval_every", "checkpoint_every", "warmup_steps", "crop_padding",
+        non_negative = ("eval_every", "checkpoint_every", "warmup_steps", "crop_padding", "seed_chunk",
                         "devices", "weight_decay", "clip_norm")
         for name in positive:
             if not getattr(self, name) > 0:

@@ -42,6 +42,7 @@ import re
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 # jax's SLURM / Open MPI convention: a port in the top 4096 of the ephemeral range.
 _PORT_BASE, _PORT_SPAN = 65535 - 2**12 + 1, 2**12
@@ -276,6 +277,16 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def agree_min(value: int) -> int:
+    """The smallest ``value`` over all processes (each may measure its own, e.g. free
+    memory); ``value`` itself for one process. Call it at the same point on every process."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int32))))
 
 
 def _orbax_host_barriers() -> None:

@@ -30,7 +30,16 @@ from jaxtrain.config import ConfigError, TrainConfig, check_model_input, check_p
 from jaxtrain.models import create_model
 from jaxtrain.optim import create_optimizer, create_schedule
 from jaxtrain.parallel import Strategy, create_strategy, prefetch
-from jaxtrain.seeds import SeedPlacement, check_seed_strategy, seed_list, stack, vmap_eval, vmap_update
+from jaxtrain.seeds import (
+    SeedPlacement,
+    available_bytes,
+    check_seed_strategy,
+    fit_seed_chunk,
+    seed_list,
+    stack,
+    vmap_eval,
+    vmap_update,
+)
 from jaxtrain.state import TrainState, create_train_state
 from jaxtrain.steps import cross_entropy, eval_step, train_step
 from jaxtrain.manifest import build_manifest
@@ -522,12 +531,11 @@ def train_and_evaluate(
 
     # --- compiled steps --------------------------------------------------------------
     update_fn = make_update(config, resident=resident)
+    seed_chunk = None
     if seeded:
         placement = SeedPlacement(strategy, config.seed_parallel)
         put_state, put_batch, put_shared = placement.put_seeds, placement.put_batch, placement.put_shared
         get = placement.get
-        update = placement.compile(vmap_update(update_fn, resident=resident), donate_argnums=(0,))
-        evaluate_fn = placement.compile(vmap_eval(eval_step))
         put_eval = put_shared if placement.seed_parallel else strategy.shard
         key = put_state(base_key)
     else:
@@ -541,7 +549,7 @@ def train_and_evaluate(
         update = strategy.compile(update_fn, donate_argnums=(0,))
         evaluate_fn = strategy.compile(eval_step)
         key = put_state(base_key)
-    fused = update  # --steps-per-call: K steps in one lax.scan, single steps at boundaries
+    fused = None  # --steps-per-call: K steps in one lax.scan, single steps at boundaries
     if config.steps_per_call > 1:
         fused = strategy.compile(fuse_steps(update_fn, config.steps_per_call, resident=resident),
                                  donate_argnums=(0,))
@@ -556,6 +564,17 @@ def train_and_evaluate(
         per_seed = [data_lib.batch_indices(s, step, n_train, config.batch_size) for s in seeds]
         return np.stack(per_seed)[:, local_rows] if seeded else per_seed[0][local_rows]
 
+    train_data = put_shared(dataset.train) if resident else None
+    if seeded:  # compiled ahead of time: the memory it needs picks the seed chunk
+        idx0 = put_batch(indices(start_step))
+        sample = ((state, train_data, idx0, key) if resident else
+                  (state, put_batch({k: v[indices(start_step)] for k, v in dataset.train.items()}),
+                   key))
+        update, seed_chunk = compile_seeded(config, strategy, placement, update_fn, resident,
+                                            sample, log=print if is_main else None)
+        evaluate_fn = placement.compile(
+            vmap_eval(eval_step, chunk=seed_chunk, groups=placement.groups))
+
     def stacked(fn, first: int, n: int):
         """One step's input, or ``n`` steps' stacked on a leading ``[n]`` axis."""
         if n == 1:
@@ -564,7 +583,6 @@ def train_and_evaluate(
 
     # inputs yield (n, x): x feeds n steps (one compiled call)
     if resident:
-        train_data = put_shared(dataset.train)
         inputs = prefetch(((n, put_batch(stacked(indices, s, n))) for s, n in chunks),
                           lambda x: x)
 
@@ -766,10 +784,40 @@ def train_and_evaluate(
     if seeded:
         summary["seeds"] = seeds
         summary["seed_parallel"] = bool(config.seed_parallel)
+        summary["seed_chunk"] = seed_chunk
     if is_main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def compile_seeded(
+    config: TrainConfig, strategy: Strategy, placement: SeedPlacement, update_fn: Callable,
+    resident: bool, sample: tuple, log: Callable[[str], Any] | None = print,
+) -> tuple[Any, int]:
+    """The seed-vmapped train step compiled for ``sample`` (its arguments), and the seeds
+    each device computes at a time: ``--seed-chunk``, or with 0 all of them when the
+    step fits the device's free memory, else the largest chunk that does."""
+    per_device = config.num_seeds // placement.groups
+
+    def compile_for(chunk: int):
+        fn = vmap_update(update_fn, resident=resident, chunk=chunk, groups=placement.groups)
+        return placement.compile(fn, donate_argnums=(0,)).lower(*sample).compile()
+
+    if config.seed_chunk:
+        chunk = min(config.seed_chunk, per_device)
+        return compile_for(chunk), chunk
+    local = [d for d in strategy.devices if d.process_index == jax.process_index()]
+    budget = available_bytes(local[0], len(local))
+    chunk, compiled, need = fit_seed_chunk(compile_for, per_device, budget)
+    agreed = distributed.agree_min(chunk)  # every process must run the same program
+    if agreed != chunk:
+        chunk, compiled = agreed, compile_for(agreed)
+    if chunk < per_device and log is not None:
+        log(f"seeds: the step for {per_device} models per device needs {need / 2**30:.2f} GiB, "
+            f"{budget / 2**30:.2f} GiB is free: computing {chunk} at a time "
+            f"(--seed-chunk sets it)")
+    return compiled, chunk
 
 
 def dry_run(
@@ -786,10 +834,10 @@ def dry_run(
     rows = slice(pid * config.batch_size // nproc, (pid + 1) * config.batch_size // nproc)
     n_train = len(dataset.train["label"])
     idx = np.stack([data_lib.batch_indices(s, 0, n_train, config.batch_size)[rows] for s in seeds])
-    if len(seeds) > 1:
+    seeded = len(seeds) > 1
+    if seeded:
         placement = SeedPlacement(strategy, config.seed_parallel)
         put_state, put_batch, put_shared = placement.put_seeds, placement.put_batch, placement.put_shared
-        update = placement.compile(vmap_update(update_fn, resident=resident), donate_argnums=(0,))
         key = put_state(stack([step_key(s) for s in seeds]))
     else:
         idx = idx[0]
@@ -802,8 +850,14 @@ def dry_run(
         args = (state, put_shared(dataset.train), put_batch(idx), key)
     else:
         args = (state, put_batch({k: v[idx] for k, v in dataset.train.items()}), key)
-    stats = compiled_stats(update.lower(*args).compile())
-    device = strategy.devices[0]
+    seed_chunk = None
+    if seeded:
+        compiled, seed_chunk = compile_seeded(config, strategy, placement, update_fn, resident,
+                                              args, log=print if pid == 0 else None)
+    else:
+        compiled = update.lower(*args).compile()
+    stats = compiled_stats(compiled)
+    device = next(d for d in strategy.devices if d.process_index == jax.process_index())
     memory = (device.memory_stats() or {}) if hasattr(device, "memory_stats") else {}
     report = {
         "dry_run": True,
@@ -812,6 +866,7 @@ def dry_run(
         "image_shape": list(dataset.image_shape),
         "global_batch_size": config.batch_size,
         "num_seeds": len(seeds),
+        "seed_chunk": seed_chunk,
         "strategy": strategy.kind,
         "num_devices": strategy.num_devices,
         "device_kind": device.device_kind,

@@ -14,17 +14,28 @@ Placement (``jax.jit`` over the strategy's 1-D mesh ``data``):
   indices ``P("data")``): no cross-device traffic at all, best for many small
   models. Needs ``S`` divisible by the device count.
 ``pmap`` is not combined with seeds (use ``mesh``).
+
+Chunking (``--seed-chunk C``; ``0``, the default, picks it): each device
+computes ``C`` of its seeds at a time (``lax.map`` over chunks, ``vmap`` inside
+a chunk), in the same one compiled program. The stacked state, checkpoints and
+results do not change; only peak activation memory (about ``C / S`` of it) and
+speed do. With ``0`` the loop compiles for all seeds and, when XLA's memory
+analysis of that program exceeds the memory the device has free, recompiles
+for the largest chunk that fits (``fit_seed_chunk``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxtrain.parallel import AXIS, ParallelError, Strategy
 
@@ -57,22 +68,49 @@ def unstack(tree: PyTree, i: int) -> PyTree:
     return jax.tree.map(lambda x: x[i], tree)
 
 
-def vmap_update(update: Callable[..., Any], *, resident: bool) -> Callable[..., Any]:
-    """``update`` vmapped over seeds: state, indices/batch and key carry ``[S, ...]``;
-    device-resident data is shared (not mapped)."""
-    in_axes = (0, None, 0, 0) if resident else (0, 0, 0)
+def map_seeds(fn: Callable[..., Any], args: tuple, *, chunk: int = 0, groups: int = 1) -> Any:
+    """``fn`` over the leading seed axis ``[S]`` of every leaf of ``args``: ``vmap``, or
+    with ``0 < chunk < S / groups``, ``chunk`` seeds at a time (``lax.map`` batches).
+
+    ``groups`` splits the seed axis into that many contiguous blocks first (one per
+    device for ``seed_parallel``, whose seed axis is sharded): chunks never span two
+    devices, so each device runs its own ``S / groups`` seeds ``chunk`` at a time.
+    Seed ``i``'s computation is the same whatever ``chunk`` and ``groups`` are.
+    """
+    num = jax.tree.leaves(args)[0].shape[0]
+    if chunk <= 0 or chunk >= num // groups:
+        return jax.vmap(fn)(*args)
+    mapped = lambda a: jax.lax.map(lambda x: fn(*x), a, batch_size=chunk)
+    if groups == 1:
+        return mapped(args)
+    blocks = jax.tree.map(lambda x: x.reshape(groups, num // groups, *x.shape[1:]), args)
+    out = jax.vmap(mapped)(blocks)
+    return jax.tree.map(lambda x: x.reshape(num, *x.shape[2:]), out)
+
+
+def vmap_update(update: Callable[..., Any], *, resident: bool, chunk: int = 0,
+                groups: int = 1) -> Callable[..., Any]:
+    """``update`` over seeds: state, indices/batch and key carry ``[S, ...]``;
+    device-resident data is shared (not mapped). ``chunk``/``groups``: ``map_seeds``."""
 
     def seeded(*args, axis_name=None):
-        return jax.vmap(lambda *a: update(*a, axis_name=axis_name), in_axes=in_axes)(*args)
+        one = functools.partial(update, axis_name=axis_name)
+        if resident:
+            state, data, idx, key = args
+            return map_seeds(lambda s, i, k: one(s, data, i, k), (state, idx, key),
+                             chunk=chunk, groups=groups)
+        return map_seeds(one, args, chunk=chunk, groups=groups)
 
     return seeded
 
 
-def vmap_eval(eval_fn: Callable[..., Any]) -> Callable[..., Any]:
+def vmap_eval(eval_fn: Callable[..., Any], *, chunk: int = 0, groups: int = 1
+              ) -> Callable[..., Any]:
     """``eval_step`` over a stacked state and one shared batch: sums ``[S]``."""
 
     def seeded(state, batch, axis_name=None):
-        return jax.vmap(lambda s: eval_fn(s, batch, axis_name=axis_name))(state)
+        return map_seeds(lambda s: eval_fn(s, batch, axis_name=axis_name), (state,),
+                         chunk=chunk, groups=groups)
 
     return seeded
 
@@ -83,6 +121,8 @@ class SeedPlacement:
     def __init__(self, strategy: Strategy, seed_parallel: bool):
         self.strategy = strategy
         self.seed_parallel = seed_parallel and strategy.kind == "mesh"
+        # seed_parallel: the seed axis is split in one contiguous block per device
+        self.groups = strategy.num_devices if self.seed_parallel else 1
 
     def _sharding(self, spec: P) -> NamedSharding:
         return NamedSharding(self.strategy.mesh, spec)
@@ -139,3 +179,59 @@ def auto_seed_chunk(num_seeds: int, bytes_per_seed: int, budget_bytes: int) -> i
     if bytes_per_seed <= 0:
         return num_seeds
     return max(1, min(num_seeds, math.floor(budget_bytes / bytes_per_seed)))
+
+
+def step_bytes(compiled: Any) -> int | None:
+    """Device memory a compiled step needs beyond its (donated) arguments: XLA's
+    temporaries plus outputs that do not reuse an argument buffer. ``None`` when the
+    backend gives no memory analysis."""
+    try:
+        m = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError, AttributeError):
+        return None
+    if m is None:
+        return None
+    return int(m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+
+
+def available_bytes(device: jax.Device, num_local_devices: int = 1) -> int | None:
+    """Memory free for one more program on ``device``: its allocator's limit minus use
+    (GPU), else the host's ``MemAvailable`` shared by ``num_local_devices`` (CPU, where
+    every device is the host's memory). ``None`` when unknown."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // max(1, num_local_devices)
+    except OSError:
+        pass
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // max(1, num_local_devices)
+    return None
+
+
+def fit_seed_chunk(compile_for: Callable[[int], Any], seeds_per_device: int,
+                   budget_bytes: int | None) -> tuple[int, Any, int | None]:
+    """The largest chunk whose compiled step fits ``budget_bytes``.
+
+    ``compile_for(chunk)`` returns the compiled step computing ``chunk`` seeds at a
+    time (``chunk == seeds_per_device``: all at once). Compiles for all seeds first;
+    only when that program's ``step_bytes`` exceed the budget does it recompile, for
+    the chunk scaled down to fit, halving until it fits or reaches 1 (which is
+    returned even if it does not fit: one model is the least a run can train).
+    Returns ``(chunk, compiled, bytes the all-seeds step needs)``.
+    """
+    compiled = compile_for(seeds_per_device)
+    full = step_bytes(compiled)
+    if budget_bytes is None or full is None or full <= budget_bytes:
+        return seeds_per_device, compiled, full
+    chunk = auto_seed_chunk(seeds_per_device, -(-full // seeds_per_device), budget_bytes)
+    while True:
+        compiled = compile_for(chunk)
+        need = step_bytes(compiled)
+        if need is None or need <= budget_bytes or chunk == 1:
+            return chunk, compiled, full
+        chunk = max(1, chunk // 2)

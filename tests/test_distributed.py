@@ -222,6 +222,28 @@ def test_cli_two_processes_match_one_process(tmp_path):
     assert len(keys) == len(set(keys)) > 0
 
 
+@pytest.mark.slow
+def test_cli_two_processes_seed_run_matches_one_process(tmp_path):
+    """A 4-seed run (chunk picked automatically, agreed by both processes) across
+    2 processes x 2 devices equals the same run in 1 process x 4 devices."""
+    from jaxtrain.checkpoint import load_params
+
+    base = [sys.executable, "-m", "experiments.digits_mlp", "--epochs", "1", "--parallel",
+            "mesh", "--compilation-cache", "", "--progress", "none", "--num-seeds", "4"]
+    port = free_port()
+    two, one = tmp_path / "two", tmp_path / "one"
+    check_ok(run_all([(base + ["--workdir", str(two), "--coordinator-address",
+                               f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(pid)], 2) for pid in (0, 1)]
+                     + [(base + ["--workdir", str(one)], 4)]))
+    assert_close([np.asarray(x) for x in _leaves(load_params(str(two)))],
+                 [np.asarray(x) for x in _leaves(load_params(str(one)))])
+    s2 = json.loads((two / "summary.json").read_text())
+    s1 = json.loads((one / "summary.json").read_text())
+    assert s2["seed_chunk"] == s1["seed_chunk"] == 4
+    assert s2["test_accuracy_per_seed"] == s1["test_accuracy_per_seed"]
+
+
 # ----------------------------------------------------------------------------- detection
 
 

@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,7 +16,15 @@ from jaxtrain.config import TrainConfig
 from jaxtrain.loop import train_and_evaluate
 from jaxtrain.models import create_model
 from jaxtrain.parallel import ParallelError
-from jaxtrain.seeds import auto_seed_chunk, seed_list, stack, unstack
+from jaxtrain.seeds import (
+    auto_seed_chunk,
+    fit_seed_chunk,
+    map_seeds,
+    seed_list,
+    stack,
+    step_bytes,
+    unstack,
+)
 
 BASE = TrainConfig(
     dataset="digits", model="mlp", epochs=1, batch_size=64, lr=2e-3, progress="none",
@@ -53,17 +62,21 @@ def single_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "devices,seed_parallel",
-    [(1, False), (8, False), (4, True)],
-    ids=["one-device", "mesh8-batch-sharded", "mesh4-seed-sharded"],
+    "devices,seed_parallel,seed_chunk",
+    [(1, False, 0), (8, False, 0), (4, True, 0), (1, False, 3), (8, False, 2), (2, True, 1)],
+    ids=["one-device", "mesh8-batch-sharded", "mesh4-seed-sharded", "one-device-chunk3",
+         "mesh8-chunk2", "mesh2-seed-sharded-chunk1"],
 )
-def test_seed_i_equals_single_run(tmp_path, single_runs, devices, seed_parallel):
+def test_seed_i_equals_single_run(tmp_path, single_runs, devices, seed_parallel, seed_chunk):
+    """Chunk 3 of 4 seeds leaves a remainder chunk; seed-sharded chunks stay on their device."""
     multi, stacked = _run(
         tmp_path, "multi", seed=BASE_SEED, num_seeds=NUM_SEEDS, devices=devices,
-        seed_parallel=seed_parallel,
+        seed_parallel=seed_parallel, seed_chunk=seed_chunk,
     )
     assert multi["num_seeds"] == NUM_SEEDS and multi["seeds"] == seed_list(BASE_SEED, NUM_SEEDS)
     assert multi["num_devices"] == devices
+    per_device = NUM_SEEDS // devices if seed_parallel else NUM_SEEDS
+    assert multi["seed_chunk"] == (seed_chunk or per_device)
     assert all(leaf.shape[0] == NUM_SEEDS for leaf in jax.tree.leaves(stacked))
     digits = data_lib.load_dataset("digits")
     for i, (single, params) in enumerate(single_runs):
@@ -83,9 +96,11 @@ def test_seed_summary_and_metrics_lines(tmp_path):
     assert stats["mean"] == pytest.approx(np.mean(per_seed))
     assert stats["std"] == pytest.approx(np.std(per_seed, ddof=1))
     assert stats["t_interval"][0] <= stats["mean"] <= stats["t_interval"][1]
-    on_disk = json.load(open(os.path.join(tmp_path, "multi", "summary.json")))
+    with open(os.path.join(tmp_path, "multi", "summary.json")) as f:
+        on_disk = json.load(f)
     assert on_disk["test_accuracy_per_seed"] == per_seed
-    lines = [json.loads(x) for x in open(os.path.join(tmp_path, "multi", "metrics.jsonl"))]
+    with open(os.path.join(tmp_path, "multi", "metrics.jsonl")) as f:
+        lines = [json.loads(x) for x in f]
     tests = [r for r in lines if r["split"] == "test"]
     assert sorted(r["seed"] for r in tests) == [0, 1, 2]
     assert [r["accuracy"] for r in sorted(tests, key=lambda r: r["seed"])] == pytest.approx(per_seed)
@@ -112,3 +127,92 @@ def test_auto_seed_chunk():
     assert auto_seed_chunk(32, bytes_per_seed=100, budget_bytes=10_000) == 32
     assert auto_seed_chunk(32, bytes_per_seed=1000, budget_bytes=10_000) == 10
     assert auto_seed_chunk(32, bytes_per_seed=10**9, budget_bytes=10) == 1
+
+
+def test_automatic_chunk_when_seeds_do_not_fit(tmp_path, single_runs, monkeypatch, capsys):
+    """With little free memory the loop picks a chunk below N by itself, says so, and
+    trains the same models."""
+    from jaxtrain import loop
+
+    monkeypatch.setattr(loop, "available_bytes", lambda *a: 1)  # nothing fits: chunk 1
+    multi, stacked = _run(tmp_path, "auto", seed=BASE_SEED, num_seeds=NUM_SEEDS, devices=1)
+    assert multi["seed_chunk"] == 1
+    assert "computing 1 at a time" in capsys.readouterr().out
+    for i, (_, params) in enumerate(single_runs):
+        _assert_params_close(params, stacked, i)
+
+
+def test_map_seeds_chunks_equal_vmap():
+    x = np.arange(6 * 3, dtype=np.float32).reshape(6, 3)
+    w = np.linspace(-1, 1, 6 * 3 * 2, dtype=np.float32).reshape(6, 3, 2)
+
+    def f(a, b):
+        return {"y": a @ b, "s": a.sum()}
+
+    want = jax.vmap(f)(x, w)
+    for chunk, groups in [(1, 1), (4, 1), (6, 1), (1, 2), (2, 3), (0, 2)]:
+        got = map_seeds(f, (x, w), chunk=chunk, groups=groups)
+        np.testing.assert_allclose(got["y"], want["y"], rtol=1e-6)
+        np.testing.assert_allclose(got["s"], want["s"], rtol=1e-6)
+
+
+def test_map_seeds_computes_chunk_seeds_at_a_time():
+    """The chunked program's temporaries scale with the chunk (XLA's memory analysis;
+    XLA:CPU reports no temporaries for the unchunked vmap, so chunks are compared)."""
+
+    def f(w, x):
+        return jnp.sum(jnp.tanh(jnp.tanh(x @ w) @ w.T) @ w)
+
+    w, x = np.ones((8, 256, 256), np.float32), np.ones((8, 512, 256), np.float32)
+    need = {c: step_bytes(jax.jit(lambda a, b, c=c: map_seeds(f, (a, b), chunk=c))
+                          .lower(w, x).compile()) for c in (2, 4)}
+    if not need[4]:
+        pytest.skip("no memory analysis on this backend")
+    assert need[2] < 0.75 * need[4]
+
+
+def test_fit_seed_chunk_halves_until_it_fits():
+    class Fake:  # a compiled step whose memory is 10 units per seed in the chunk
+        def __init__(self, chunk):
+            self.chunk = chunk
+
+        def memory_analysis(self):
+            class M:
+                temp_size_in_bytes = 10 * self.chunk
+                output_size_in_bytes = alias_size_in_bytes = 0
+            return M
+
+    compiled_for = []
+
+    def compile_for(chunk):
+        compiled_for.append(chunk)
+        return Fake(chunk)
+
+    assert fit_seed_chunk(compile_for, 32, budget_bytes=None)[0] == 32
+    assert fit_seed_chunk(compile_for, 32, budget_bytes=320)[0] == 32
+    compiled_for.clear()
+    chunk, compiled, full = fit_seed_chunk(compile_for, 32, budget_bytes=95)
+    assert (chunk, compiled.chunk, full) == (9, 9, 320) and compiled_for == [32, 9]
+    assert fit_seed_chunk(compile_for, 32, budget_bytes=5)[0] == 1
+
+
+def test_seeds_benchmark_worker(tmp_path):
+    """benchmarks.seeds' measured unit, in process: a chunked 2-seed digits run."""
+    from benchmarks import seeds as bench
+
+    row = bench.worker("multi", 2, 1, str(tmp_path), chunk=1)
+    assert row["num_seeds"] == 2 and row["seed_chunk"] == 1
+    assert row["seconds"] > 0 and row["peak_memory_bytes"] > 0
+    assert 0.5 < row["mean_test_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_seeds_benchmark_main(tmp_path, capsys):
+    from benchmarks import seeds as bench
+
+    out = tmp_path / "seeds.json"
+    bench.main(["--seeds", "2", "--epochs", "1", "--seed-chunk", "1", "--out", str(out)])
+    with open(out) as f:
+        row = json.load(f)["rows"][0]
+    assert row["multi_chunked"]["seed_chunk"] == 1 and row["multi"]["seed_chunk"] == 2
+    assert row["sequential_over_multi"] > 0 and "chunk 1 s" in capsys.readouterr().out
