@@ -349,6 +349,17 @@ def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     return tp, {}
 
 
+# Help for flags whose name alone does not say what they do (others show their name).
+FLAG_HELP = {
+    "num_seeds": "train this many models (seeds seed..seed+N-1) in one vmapped program",
+    "seed_parallel": "shard the seed axis over devices instead of each seed's batch",
+    "seed_chunk": "seeds each device computes at a time; 0 = as many as fit in free memory",
+    "steps_per_call": "training steps fused into one compiled call (lax.scan); 1 = off",
+    "data_placement": "where the training split lives: device (batches gathered in the "
+                      "step), host (prefetched batches) or auto (device when it fits)",
+}
+
+
 def build_parser(config_type: type[TrainConfig], defaults: TrainConfig, prog: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of ``config_type``."""
     parser = argparse.ArgumentParser(
@@ -363,14 +374,16 @@ def build_parser(config_type: type[TrainConfig], defaults: TrainConfig, prog: st
         if tp is bool:
             parser.add_argument(
                 _flag(field.name), action=argparse.BooleanOptionalAction, default=default,
-                help=f"{field.name.replace('_', ' ')} (default: {default})",
+                help=f"{FLAG_HELP.get(field.name, field.name.replace('_', ' '))} "
+                     f"(default: {default})",
             )
             continue
         conv, extra = _parser_type(tp)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         parser.add_argument(
             _flag(field.name), type=conv, default=default, metavar=field.name.upper(),
-            help=f"{field.name.replace('_', ' ')} (default: {shown})", **extra,
+            help=f"{FLAG_HELP.get(field.name, field.name.replace('_', ' '))} (default: {shown})",
+            **extra,
         )
     return parser
 
