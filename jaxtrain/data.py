@@ -13,7 +13,6 @@ import functools
 import logging
 import math
 import os
-import threading
 from collections.abc import Iterator
 
 import jax
@@ -239,46 +238,19 @@ def _permutation_fn(seed, epoch, n: int) -> jax.Array:
     return jax.random.permutation(key, n)
 
 
-_permutation_lock = threading.Lock()
-
-
+@functools.lru_cache(maxsize=64)
 def _permutation(n: int):
-    """``f(seed_u32, epoch_u32) -> int32[n]``, compiled once per ``n`` (thread-safe: a
-    second thread asking while the first compiles waits for that compile).
+    """``f(seed_u32, epoch_u32) -> int32[n]``, compiled once per ``n``.
 
     One compiled call (seed and epoch traced: no recompiling per epoch) instead of a
     few eager ops; the loop pays this once per epoch, ~30x cheaper, same values. On
     CPU it compiles without LLVM optimization (as ``loop.run_once``): integer hashing
-    and a sort give the same values either way, the compile is ~0.3 s shorter, and a
-    call takes the same time (~1 ms for 1k examples, ~45 ms for 60k: the sort)."""
-    with _permutation_lock:
-        return _compile_permutation(n)
-
-
-@functools.lru_cache(maxsize=64)
-def _compile_permutation(n: int):
+    and a sort give the same values either way, the compile is ~0.3 s shorter (the
+    loop's first batch waits for it), and a call takes the same time (~1 ms for 1k
+    examples, ~45 ms for 60k: the sort)."""
     lowered = jax.jit(_permutation_fn, static_argnums=2).lower(np.uint32(0), np.uint32(0), n)
     fast = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     return lowered.compile(fast)
-
-
-def prepare_epoch_order(n: int) -> threading.Thread:
-    """Starts compiling ``epoch_order``'s program for ``n`` examples on a daemon thread
-    and returns the thread: the loop calls it once the data is loaded and the
-    compilation cache set up, so the compile (or persistent-cache load) overlaps
-    model initialization instead of delaying the first batch (0.7 s of a cold
-    digits-MLP run, 0.15 s of a warm one). Errors surface where ``epoch_order`` is
-    called."""
-
-    def run() -> None:
-        try:
-            _permutation(n)
-        except Exception:  # noqa: BLE001, S110 (raised again by the caller's own compile)
-            pass
-
-    thread = threading.Thread(target=run, name="jaxtrain-epoch-order", daemon=True)
-    thread.start()
-    return thread
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
