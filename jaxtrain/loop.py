@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import os
 import signal
@@ -443,6 +444,30 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
             )
 
 
+def gc_frozen(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs ``fn`` with the objects that exist when it starts kept out of the cyclic
+    garbage collector's scans (``gc.freeze``), handed back when it returns.
+
+    After ``import jax, flax, optax, orbax`` (and torch, which tensorboardX imports
+    when installed) a process tracks ~330k objects, and tracing and compiling
+    allocate enough to set off a full collection that walks all of them: 0.3-0.4 s
+    of a ~4 s warm digits-MLP run, to free a few dozen objects. A caller that froze
+    objects itself (or disabled the collector) is left as it is."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if gc.get_freeze_count() or not gc.isenabled():
+            return fn(*args, **kwargs)
+        gc.freeze()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.unfreeze()
+
+    return wrapped
+
+
+@gc_frozen
 def train_and_evaluate(
     config: TrainConfig, workdir: str | None = None, *, writer: MetricWriter | None = None
 ) -> dict[str, Any]:

@@ -112,6 +112,28 @@ def test_progress_mode_follows_the_terminal(monkeypatch):
     bar.close()
 
 
+def test_gc_frozen_keeps_older_objects_out_of_collections_and_hands_them_back():
+    import gc
+
+    from jaxtrain.loop import gc_frozen
+
+    inside = []
+    traced = gc_frozen(lambda: inside.append(gc.get_freeze_count()) or "result")
+    assert gc.get_freeze_count() == 0
+    assert traced() == "result" and inside[-1] > 0
+    assert gc.get_freeze_count() == 0  # unfrozen on return
+    with pytest.raises(ZeroDivisionError):
+        gc_frozen(lambda: 1 / 0)()
+    assert gc.get_freeze_count() == 0  # and when it raises
+    gc.freeze()  # a caller that froze objects itself keeps them frozen
+    try:
+        frozen = gc.get_freeze_count()
+        traced()
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_same_seed_twice_gives_identical_metrics(short_run, tmp_path):
     config, workdir, _, _ = short_run
     train_and_evaluate(config.replace(progress="none"), str(tmp_path))
