@@ -17,18 +17,13 @@ from jaxtrain.steps import cross_entropy, eval_step, train_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "MODELS",
     "ConfigError",
     "DataError",
     "Dataset",
     "NonFiniteError",
     "ParallelError",
     "Preempted",
-    "load_params",
-    "load_variables",
-    "paired_comparison",
-    "summarize",
-    "summarize_axis",
-    "MODELS",
     "Strategy",
     "TrainConfig",
     "TrainState",
@@ -40,7 +35,12 @@ __all__ = [
     "cross_entropy",
     "eval_step",
     "load_dataset",
+    "load_params",
+    "load_variables",
     "map_seeds",
+    "paired_comparison",
+    "summarize",
+    "summarize_axis",
     "train_and_evaluate",
     "train_step",
 ]

@@ -204,7 +204,7 @@ def check_split(split: Split, num_classes: int, what: str = "split") -> None:
 def _holdout(split: Split, fraction: float) -> tuple[Split, Split]:
     """Deterministic (seed-independent) split into ``1 - fraction`` and ``fraction``."""
     n = len(split["label"])
-    n_out = int(round(n * fraction))
+    n_out = round(n * fraction)
     perm = np.random.default_rng(_SPLIT_SEED).permutation(n)
     keep, out = np.sort(perm[n_out:]), np.sort(perm[:n_out])
     return take(split, keep), take(split, out)

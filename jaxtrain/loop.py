@@ -6,7 +6,6 @@ steps, the training loop, final evaluation and summary.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gc
 import json
@@ -25,12 +24,20 @@ import numpy as np
 from jaxtrain import data as data_lib
 from jaxtrain import distributed
 from jaxtrain.checkpoint import (
-    Checkpointer, Restored, checkpoint_dir, first_nonfinite, set_aside, snapshot, state_tree,
+    Checkpointer,
+    Restored,
+    checkpoint_dir,
+    first_nonfinite,
+    set_aside,
+    snapshot,
+    state_tree,
 )
 from jaxtrain.config import ConfigError, TrainConfig, check_model_input, check_paths
+from jaxtrain.manifest import build_manifest
 from jaxtrain.models import create_model
 from jaxtrain.optim import create_optimizer, create_schedule
 from jaxtrain.parallel import Strategy, create_strategy, prefetch
+from jaxtrain.profiling import StepProfiler
 from jaxtrain.seeds import (
     SeedPlacement,
     available_bytes,
@@ -43,8 +50,6 @@ from jaxtrain.seeds import (
 )
 from jaxtrain.state import TrainState, create_train_state
 from jaxtrain.steps import cross_entropy, eval_step, train_step
-from jaxtrain.manifest import build_manifest
-from jaxtrain.profiling import StepProfiler
 from jaxtrain.writers import LogWriter, MetricWriter, MultiWriter, create_writers
 
 # Datasets up to this many bytes per split live on the devices (batches are

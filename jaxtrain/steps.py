@@ -70,7 +70,7 @@ def train_step(
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
     model = _model_for(state, axis_name)
     if loss_fn is None:
-        loss_fn = lambda logits, labels: cross_entropy(logits, labels, label_smoothing)  # noqa: E731
+        loss_fn = lambda logits, labels: cross_entropy(logits, labels, label_smoothing)
 
     def objective(params):
         variables = {"params": params, **state.model_state}
@@ -97,7 +97,7 @@ def train_step(
     )
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        keep = lambda new, old: jnp.where(finite, new, old)
         new_state = new_state.replace(
             params=jax.tree.map(keep, new_state.params, state.params),
             model_state=jax.tree.map(keep, new_state.model_state, state.model_state),

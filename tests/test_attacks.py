@@ -235,7 +235,7 @@ def test_attacks_match_numpy_reference(random_setup):
         ref_2 = np.clip(x + d * np.minimum(1.0, eps_2 / d_norm), 0, 1)
     ref_fgsm = np.clip(x + 0.2 * np.sign(_numpy_linear_grad(w, b, x, y)), 0, 1)
 
-    kw = dict(steps=steps, random_start=False)
+    kw = {"steps": steps, "random_start": False}
     out_inf = attack("pgd_linf", model, images, labels, eps_inf, alpha=alpha_inf, **kw)
     out_2 = attack("pgd_l2", model, images, labels, eps_2, alpha=alpha_2, **kw)
     np.testing.assert_allclose(out_inf, ref_inf, atol=1e-5)

@@ -24,7 +24,7 @@ print("imported", sorted(m for m in BLOCKED if m in sys.modules))
 
 
 def test_import_without_optional_packages():
-    out = subprocess.run([sys.executable, "-c", BLOCKER], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", BLOCKER], cwd=ROOT, capture_output=True, check=False,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "imported []" in out.stdout

@@ -228,7 +228,7 @@ def corruption_errors(
 
 def mce(err_model: ErrorTable, err_base: ErrorTable) -> float:
     """mCE = mean over corruptions of CE_c (a ratio; papers print it x100)."""
-    names, model_CS, base_CS = _aligned(err_model, err_base)
+    _, model_CS, base_CS = _aligned(err_model, err_base)
     return float(np.mean(_ratio(model_CS.sum(1), base_CS.sum(1))))
 
 
