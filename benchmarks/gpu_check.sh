@@ -19,6 +19,7 @@
 #                  torch.compile) in the same run
 #     tta          digits MLP time to 97% test accuracy, cold and warm compile cache,
 #                  on the GPU and on this machine's CPU cores (JAX_PLATFORMS=cpu)
+#     seeds        1 and 32 digits MLPs, each in one program (target: 32 cost well under 2x one)
 #     cpu_throughput  the same MLP and CNN steps on the CPU cores: GPU vs CPU per step
 #
 # $OUT gets three files: summary.json (device, every figure, each step's status and
@@ -83,6 +84,7 @@ if [[ "$SMOKE" == 1 ]]; then
   PIPE_CASES=mlp:digits
   TTA_PLATFORMS=default
   CPU_CASES=mlp:digits
+  SEEDS=(--seeds 1,2 --epochs 1)
   LIM_TESTS=120; LIM_A=200; LIM_B=200
 else
   S=()
@@ -92,6 +94,7 @@ else
   PIPE_CASES=mlp:digits,resnet18:cifar
   TTA_PLATFORMS=default,cpu
   CPU_CASES=mlp:digits,cnn:mnist
+  SEEDS=(--seeds 1,32 --epochs 2)
   LIM_TESTS=200; LIM_A=120; LIM_B=150
 fi
 
@@ -114,6 +117,8 @@ else
 fi
 step tta "$(remaining 120)" "$PY" -m benchmarks.time_to_accuracy "${S[@]}" --out "$RAW" \
   --tag accel --platforms "$TTA_PLATFORMS"
+step seeds "$(remaining 90)" "$PY" -m benchmarks.seeds "${SEEDS[@]}" --no-sequential \
+  --out "$RAW/seeds-accel.json"
 step cpu_throughput "$(remaining 90)" env JAX_PLATFORMS=cpu "$PY" -m benchmarks.throughput "${S[@]}" \
   --out "$RAW" --tag host-cpu --cases "$CPU_CASES" --seconds 1 --repeats 3
 
@@ -165,6 +170,12 @@ for r in (d or {}).get("results", []):
         k: r.get(k) for k in ("seconds_from_launch", "seconds_from_training_start",
                               "init_and_first_step_s", "epochs_to_target", "s_per_step_steady",
                               "final_test_accuracy", "error")} | mem(r)
+d = docs.get("seeds-accel")
+for r in (d or {}).get("rows", []):
+    figures[f"seeds/{r['num_seeds']}_in_one_program"] = {
+        "seconds": r["multi"]["seconds"], "over_one_seed": r.get("multi_over_one_seed"),
+        "peak_memory_MiB": mib(r["multi"]["peak_memory_bytes"]),
+        "mean_test_accuracy": r["multi"]["mean_test_accuracy"]}
 machine = next((v["machine"] for k, v in sorted(docs.items()) if k.endswith("accel")), {})
 summary = {
     "benchmark": "gpu_check",

@@ -3,6 +3,8 @@
     python -m benchmarks.seeds [--seeds 1,8,32] [--epochs 5] [--seed-chunk C]
                                [--out benchmarks/results/seeds_cpu.json]
 
+``--no-sequential`` skips the sequential runs (the GPU target compares N seeds in
+one program with one seed: 32 digits MLPs should cost well under 2x one).
 ``--seed-chunk C`` adds, for every N > C, the N-seed program computing C seeds at
 a time (``lax.map`` over chunks), to show what chunking costs in time and saves in
 peak memory.
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seed-chunk", type=int, default=0,
                    help="also time each N > C seeds computed C at a time")
+    p.add_argument("--no-sequential", action="store_true",
+                   help="only the one-program runs (their time against N = 1)")
     p.add_argument("--out", default="")
     p.add_argument("--worker", choices=["multi", "sequential"], help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -94,11 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     one_seed = None
     for n in [int(x) for x in args.seeds.split(",")]:
         multi = measure("multi", n, args.epochs)
-        seq = measure("sequential", n, args.epochs)
+        seq = None if args.no_sequential else measure("sequential", n, args.epochs)
         one_seed = one_seed or (multi["seconds"] if n == 1 else None)
         row = {
             "num_seeds": n, "multi": multi, "sequential": seq,
-            "sequential_over_multi": seq["seconds"] / multi["seconds"],
+            "sequential_over_multi": seq["seconds"] / multi["seconds"] if seq else None,
             "multi_over_one_seed": multi["seconds"] / one_seed if one_seed else None,
         }
         chunked = ""
@@ -108,9 +112,11 @@ def main(argv: list[str] | None = None) -> None:
             chunked = f" {c['seconds']:>10.2f} {c['peak_memory_bytes'] / 2**20:>15.0f}"
         rows.append(row)
         vs1 = f"{row['multi_over_one_seed']:.2f}x" if one_seed else "-"
-        print(f"{n:>4} {multi['seconds']:>14.2f} {seq['seconds']:>13.2f} "
-              f"{row['sequential_over_multi']:>10.2f}x {vs1:>10} "
-              f"{multi['peak_memory_bytes'] / 2**20:>15.0f} {seq['peak_memory_bytes'] / 2**20:>13.0f}"
+        seq_s = f"{seq['seconds']:>13.2f}" if seq else f"{'-':>13}"
+        ratio = f"{row['sequential_over_multi']:>10.2f}x" if seq else f"{'-':>11}"
+        seq_mem = f"{seq['peak_memory_bytes'] / 2**20:>13.0f}" if seq else f"{'-':>13}"
+        print(f"{n:>4} {multi['seconds']:>14.2f} {seq_s} {ratio} {vs1:>10} "
+              f"{multi['peak_memory_bytes'] / 2**20:>15.0f} {seq_mem}"
               f"{chunked}")
     result = {"benchmark": "seeds", "device": device, "epochs": args.epochs,
               "seed_chunk": args.seed_chunk, "rows": rows}

@@ -389,3 +389,5 @@ def test_gpu_check_smoke(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = _load(tmp_path / "summary.json")
     assert summary["smoke"] and summary["device"]
+    assert summary["steps"]["seeds"]["status"] == "passed"
+    assert summary["figures"]["seeds/2_in_one_program"]["over_one_seed"] > 0
