@@ -40,13 +40,11 @@ from jaxtrain.parallel import Strategy, create_strategy, prefetch
 from jaxtrain.profiling import StepProfiler
 from jaxtrain.seeds import (
     SeedPlacement,
-    available_bytes,
     check_seed_strategy,
-    fit_seed_chunk,
+    compile_seeded,
     seed_list,
     stack,
     vmap_eval,
-    vmap_update,
 )
 from jaxtrain.state import TrainState, create_train_state
 from jaxtrain.steps import cross_entropy, eval_step, train_step
@@ -605,8 +603,9 @@ def train_and_evaluate(
         sample = ((state, train_data, idx0, key) if resident else
                   (state, put_batch({k: v[indices(start_step)] for k, v in dataset.train.items()}),
                    key))
-        update, seed_chunk = compile_seeded(config, strategy, placement, update_fn, resident,
-                                            sample, log=print if is_main else None)
+        update, seed_chunk = compile_seeded(
+            placement, update_fn, sample, num_seeds=len(seeds), seed_chunk=config.seed_chunk,
+            resident=resident, log=print if is_main else None)
         evaluate_fn = placement.compile(
             vmap_eval(eval_step, chunk=seed_chunk, groups=placement.groups))
 
@@ -826,35 +825,6 @@ def train_and_evaluate(
     return summary
 
 
-def compile_seeded(
-    config: TrainConfig, strategy: Strategy, placement: SeedPlacement, update_fn: Callable,
-    resident: bool, sample: tuple, log: Callable[[str], Any] | None = print,
-) -> tuple[Any, int]:
-    """The seed-vmapped train step compiled for ``sample`` (its arguments), and the seeds
-    each device computes at a time: ``--seed-chunk``, or with 0 all of them when the
-    step fits the device's free memory, else the largest chunk that does."""
-    per_device = config.num_seeds // placement.groups
-
-    def compile_for(chunk: int):
-        fn = vmap_update(update_fn, resident=resident, chunk=chunk, groups=placement.groups)
-        return placement.compile(fn, donate_argnums=(0,)).lower(*sample).compile()
-
-    if config.seed_chunk:
-        chunk = min(config.seed_chunk, per_device)
-        return compile_for(chunk), chunk
-    local = [d for d in strategy.devices if d.process_index == jax.process_index()]
-    budget = available_bytes(local[0], len(local))
-    chunk, compiled, need = fit_seed_chunk(compile_for, per_device, budget)
-    agreed = distributed.agree_min(chunk)  # every process must run the same program
-    if agreed != chunk:
-        chunk, compiled = agreed, compile_for(agreed)
-    if chunk < per_device and log is not None:
-        log(f"seeds: the step for {per_device} models per device needs {need / 2**30:.2f} GiB, "
-            f"{budget / 2**30:.2f} GiB is free: computing {chunk} at a time "
-            f"(--seed-chunk sets it)")
-    return compiled, chunk
-
-
 def dry_run(
     config: TrainConfig, strategy: Strategy, dataset: data_lib.Dataset, seeds: list[int],
     resident: bool, host_state: TrainState,
@@ -887,8 +857,9 @@ def dry_run(
         args = (state, put_batch({k: v[idx] for k, v in dataset.train.items()}), key)
     seed_chunk = None
     if seeded:
-        compiled, seed_chunk = compile_seeded(config, strategy, placement, update_fn, resident,
-                                              args, log=print if pid == 0 else None)
+        compiled, seed_chunk = compile_seeded(
+            placement, update_fn, args, num_seeds=len(seeds), seed_chunk=config.seed_chunk,
+            resident=resident, log=print if pid == 0 else None)
     else:
         compiled = update.lower(*args).compile()
     stats = compiled_stats(compiled)

@@ -235,3 +235,37 @@ def fit_seed_chunk(compile_for: Callable[[int], Any], seeds_per_device: int,
         if need is None or need <= budget_bytes or chunk == 1:
             return chunk, compiled, full
         chunk = max(1, chunk // 2)
+
+
+def compile_seeded(
+    placement: SeedPlacement, update_fn: Callable[..., Any], sample: tuple, *, num_seeds: int,
+    seed_chunk: int, resident: bool, log: Callable[[str], Any] | None = print,
+) -> tuple[Any, int]:
+    """The seed-vmapped ``update_fn`` compiled ahead of time for ``sample`` (its
+    arguments: state, [data,] indices or batch, key, all ``[S, ...]``), and the seeds
+    each device computes at a time: ``seed_chunk``, or with 0 all of them when the step
+    fits the device's free memory, else the largest chunk that does (``fit_seed_chunk``;
+    processes agree on the smallest, so all run one program). ``log`` gets one line
+    when it chunks by itself."""
+    from jaxtrain import distributed
+
+    per_device = num_seeds // placement.groups
+
+    def compile_for(chunk: int) -> Any:
+        fn = vmap_update(update_fn, resident=resident, chunk=chunk, groups=placement.groups)
+        return placement.compile(fn, donate_argnums=(0,)).lower(*sample).compile()
+
+    if seed_chunk:
+        chunk = min(seed_chunk, per_device)
+        return compile_for(chunk), chunk
+    local = [d for d in placement.strategy.devices if d.process_index == jax.process_index()]
+    budget = available_bytes(local[0], len(local))
+    chunk, compiled, need = fit_seed_chunk(compile_for, per_device, budget)
+    agreed = distributed.agree_min(chunk)
+    if agreed != chunk:
+        chunk, compiled = agreed, compile_for(agreed)
+    if chunk < per_device and log is not None:
+        log(f"seeds: the step for {per_device} models per device needs {need / 2**30:.2f} GiB, "
+            f"{budget / 2**30:.2f} GiB is free: computing {chunk} at a time "
+            f"(--seed-chunk sets it)")
+    return compiled, chunk

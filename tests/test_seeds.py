@@ -132,9 +132,9 @@ def test_auto_seed_chunk():
 def test_automatic_chunk_when_seeds_do_not_fit(tmp_path, single_runs, monkeypatch, capsys):
     """With little free memory the loop picks a chunk below N by itself, says so, and
     trains the same models."""
-    from jaxtrain import loop
+    from jaxtrain import seeds
 
-    monkeypatch.setattr(loop, "available_bytes", lambda *a: 1)  # nothing fits: chunk 1
+    monkeypatch.setattr(seeds, "available_bytes", lambda *a: 1)  # nothing fits: chunk 1
     multi, stacked = _run(tmp_path, "auto", seed=BASE_SEED, num_seeds=NUM_SEEDS, devices=1)
     assert multi["seed_chunk"] == 1
     assert "computing 1 at a time" in capsys.readouterr().out
