@@ -132,6 +132,8 @@ BAD = [
     Bad("epochs-zero", ("--epochs", "0"), "--epochs must be > 0, got 0"),
     Bad("dropout-one", ("--dropout", "1"), "--dropout must be in [0, 1), got 1.0"),
     Bad("seed-too-large", ("--seed", "4294967296"), "--seed must be in [0, 2**32)"),
+    Bad("seed-chunk-negative", ("--num-seeds", "4", "--seed-chunk", "-1"),
+        "--seed-chunk must be >= 0, got -1"),
     Bad("unknown-model", ("--model", "resnet"),
         "unknown --model 'resnet'; choose one of ['cnn', 'mlp', 'resnet18', 'resnet_tiny']"),
     Bad("unknown-optimizer", ("--optimizer", "adagrad"),
