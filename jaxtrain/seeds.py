@@ -21,7 +21,8 @@ a chunk), in the same one compiled program. The stacked state, checkpoints and
 results do not change; only peak activation memory (about ``C / S`` of it) and
 speed do. With ``0`` the loop compiles for all seeds and, when XLA's memory
 analysis of that program exceeds the memory the device has free, recompiles
-for the largest chunk that fits (``fit_seed_chunk``).
+for the largest chunk that fits (``fit_seed_chunk``). XLA:CPU reports few of its
+temporaries there, so on a CPU this rarely chunks by itself: set the chunk.
 """
 
 from __future__ import annotations
@@ -198,7 +199,10 @@ def available_bytes(device: jax.Device, num_local_devices: int = 1) -> int | Non
     """Memory free for one more program on ``device``: its allocator's limit minus use
     (GPU), else the host's ``MemAvailable`` shared by ``num_local_devices`` (CPU, where
     every device is the host's memory). ``None`` when unknown."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    try:
+        stats = device.memory_stats()
+    except (AttributeError, RuntimeError):  # JaxRuntimeError is a RuntimeError
+        stats = None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     try:
@@ -265,7 +269,8 @@ def compile_seeded(
     if agreed != chunk:
         chunk, compiled = agreed, compile_for(agreed)
     if chunk < per_device and log is not None:
-        log(f"seeds: the step for {per_device} models per device needs {need / 2**30:.2f} GiB, "
-            f"{budget / 2**30:.2f} GiB is free: computing {chunk} at a time "
-            f"(--seed-chunk sets it)")
+        why = (f"the step for {per_device} models per device needs {need / 2**30:.2f} GiB, "
+               f"{budget / 2**30:.2f} GiB is free" if need is not None and budget is not None
+               else "another process has less free memory")
+        log(f"seeds: {why}: computing {chunk} at a time (--seed-chunk sets it)")
     return compiled, chunk
