@@ -21,7 +21,7 @@ side by side in one run and reported as ratios jaxtrain / PyTorch):
   includes compiling the steps and the checkpoint saves made inside the loop).
   ``wall_s`` keeps its old meaning (jaxtrain end to end, PyTorch ``train_eval_s``).
 - ``cnn``: MNIST-shape CNN (batch 128) training steps/s, jaxtrain variants
-  (layout, precision, XLA flags, im2col convolution) against PyTorch eager
+  (layout, precision, XLA flags, im2col convolution, elementwise max-pool gradient) against PyTorch eager
   (NCHW and channels_last, each thread count). A PyTorch measurement runs
   before and after each jaxtrain variant; its ratio uses their mean.
 - ``resnet``: ResNet-18 on CIFAR-shape data, images/s and MFU; PyTorch with
@@ -53,6 +53,8 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "im2col conv": ({"model": "cnn_im2col"}, ""),
     "onednn": ({}, "--xla_cpu_use_onednn=true"),
     "im2col + onednn": ({"model": "cnn_im2col"}, "--xla_cpu_use_onednn=true"),
+    "fast maxpool grad": ({"model": "cnn_fastpool"}, ""),
+    "fast maxpool grad + onednn": ({"model": "cnn_fastpool"}, "--xla_cpu_use_onednn=true"),
     "onednn fusions": ({}, "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce"),
     "xnn fusions": ({}, "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce"),
     "im2col + xnn fusions": ({"model": "cnn_im2col"},
@@ -186,7 +188,7 @@ def _torch_modules():
 
 def create_torch_model(name: str, in_shape_HWC, num_classes: int, mean, std):
     """The PyTorch twin of registry model ``name`` for images ``[H, W, C]``."""
-    base = name.removesuffix("_im2col").removesuffix("_nchw")
+    base = name.removesuffix("_im2col").removesuffix("_nchw").removesuffix("_fastpool")
     h, w, c = in_shape_HWC
     return _torch_modules()[base]((c, h, w), num_classes, list(mean), list(std))
 
@@ -483,13 +485,16 @@ def jax_train(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def register_benchmark_models() -> None:
-    """Adds ``cnn_im2col`` (``CNN(conv="im2col")``) and ``cnn_nchw`` (the CNN with NCHW
-    convolutions) to the model registry of this (child) process."""
+    """Adds ``cnn_im2col`` (``CNN(conv="im2col")``), ``cnn_nchw`` (the CNN with NCHW
+    convolutions) and ``cnn_fastpool`` (``jaxtrain.conv_cpu.CNNFastPool``, an
+    elementwise max-pool gradient) to the model registry of this (child) process."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
-    from jaxtrain import models
+    from jaxtrain import conv_cpu, models
+
+    conv_cpu.register()
 
     if "cnn_nchw" in models.MODELS:
         return
