@@ -53,8 +53,9 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "im2col conv": ({"model": "cnn_im2col"}, ""),
     "onednn": ({}, "--xla_cpu_use_onednn=true"),
     "im2col + onednn": ({"model": "cnn_im2col"}, "--xla_cpu_use_onednn=true"),
-    "fast maxpool grad": ({"model": "cnn_fastpool"}, ""),
-    "fast maxpool grad + onednn": ({"model": "cnn_fastpool"}, "--xla_cpu_use_onednn=true"),
+    # the CNN before its elementwise max-pool gradient (jaxtrain.pooling)
+    "select_and_scatter maxpool": ({"model": "cnn_xlapool"}, ""),
+    "select_and_scatter maxpool + onednn": ({"model": "cnn_xlapool"}, "--xla_cpu_use_onednn=true"),
     "onednn fusions": ({}, "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce"),
     "xnn fusions": ({}, "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce"),
     "im2col + xnn fusions": ({"model": "cnn_im2col"},
@@ -188,7 +189,7 @@ def _torch_modules():
 
 def create_torch_model(name: str, in_shape_HWC, num_classes: int, mean, std):
     """The PyTorch twin of registry model ``name`` for images ``[H, W, C]``."""
-    base = name.removesuffix("_im2col").removesuffix("_nchw").removesuffix("_fastpool")
+    base = name.removesuffix("_im2col").removesuffix("_nchw").removesuffix("_xlapool")
     h, w, c = in_shape_HWC
     return _torch_modules()[base]((c, h, w), num_classes, list(mean), list(std))
 
@@ -486,19 +487,19 @@ def jax_train(case: dict[str, Any]) -> dict[str, Any]:
 
 def register_benchmark_models() -> None:
     """Adds ``cnn_im2col`` (``CNN(conv="im2col")``), ``cnn_nchw`` (the CNN with NCHW
-    convolutions) and ``cnn_fastpool`` (``jaxtrain.conv_cpu.CNNFastPool``, an
-    elementwise max-pool gradient) to the model registry of this (child) process."""
+    convolutions) and ``cnn_xlapool`` (``CNN(pool="xla")``: ``nn.max_pool``, whose
+    gradient is ``select_and_scatter``) to the model registry of this (child) process."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
-    from jaxtrain import conv_cpu, models
-
-    conv_cpu.register()
+    from jaxtrain import models
+    from jaxtrain.pooling import max_pool_2x2
 
     if "cnn_nchw" in models.MODELS:
         return
     models.MODELS["cnn_im2col"] = functools.partial(models.CNN, conv="im2col")
+    models.MODELS["cnn_xlapool"] = functools.partial(models.CNN, pool="xla")
 
     class ConvNCHW(nn.Module):
         features: int
@@ -524,7 +525,7 @@ def register_benchmark_models() -> None:
             for f in self.features:
                 x = nn.relu(ConvNCHW(f, self.dtype)(x))
                 if min(x.shape[2:4]) >= 2:
-                    x = nn.max_pool(x.transpose(0, 2, 3, 1), (2, 2), strides=(2, 2))
+                    x = max_pool_2x2(x.transpose(0, 2, 3, 1))  # as models.CNN
                     x = x.transpose(0, 3, 1, 2)
             x = x.reshape((x.shape[0], -1))
             x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x))

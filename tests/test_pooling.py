@@ -1,4 +1,4 @@
-"""``jaxtrain.conv_cpu``: the elementwise max-pool gradient is ``nn.max_pool``'s, exactly."""
+"""``jaxtrain.pooling``: the elementwise max-pool gradient is ``nn.max_pool``'s, exactly."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtrain import conv_cpu, models
+from jaxtrain import models, pooling
 from jaxtrain.models import create_model
 
 
@@ -34,7 +34,7 @@ def test_max_pool_2x2_matches_nn_max_pool_values_and_gradient(shape, data):
         x = jnp.round(x)
     g = jax.random.normal(kg, (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
     y_ref, dx_ref = jax.jit(functools.partial(_value_and_vjp, _pool_ref))(x, g)
-    y, dx = jax.jit(functools.partial(_value_and_vjp, conv_cpu.max_pool_2x2))(x, g)
+    y, dx = jax.jit(functools.partial(_value_and_vjp, pooling.max_pool_2x2))(x, g)
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(dx, dx_ref)  # the same element of each window, ties included
 
@@ -43,20 +43,20 @@ def test_max_pool_2x2_bfloat16():
     x = jax.nn.relu(jax.random.normal(jax.random.key(1), (2, 6, 6, 4))).astype(jnp.bfloat16)
     g = jnp.ones((2, 3, 3, 4), jnp.bfloat16)
     y_ref, dx_ref = _value_and_vjp(_pool_ref, x, g)
-    y, dx = _value_and_vjp(conv_cpu.max_pool_2x2, x, g)
+    y, dx = _value_and_vjp(pooling.max_pool_2x2, x, g)
     assert dx.dtype == jnp.bfloat16
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(dx, dx_ref)
 
 
 @pytest.mark.parametrize("shape", [(8, 28, 28, 1), (4, 12, 12, 3)])
-def test_cnn_fastpool_is_cnn_with_the_same_params_outputs_and_gradients(shape):
-    conv_cpu.register()
+def test_cnn_pools_agree_params_outputs_and_gradients(shape):
+    """``CNN`` (elementwise pool gradient) against ``CNN(pool="xla")`` (``nn.max_pool``)."""
     x = jax.random.uniform(jax.random.key(0), shape)
     y = jax.random.randint(jax.random.key(2), (shape[0],), 0, 10)
-    ref = create_model("cnn", 10, mean=(0.5,), std=(0.25,))
-    fast = create_model("cnn_fastpool", 10, mean=(0.5,), std=(0.25,))
-    assert isinstance(fast, conv_cpu.CNNFastPool) and isinstance(fast, models.CNN)
+    fast = create_model("cnn", 10, mean=(0.5,), std=(0.25,))
+    ref = models.CNN(10, mean=(0.5,), std=(0.25,), pool="xla")
+    assert fast.pool == "elementwise"
     variables = jax.jit(ref.init)(jax.random.key(1), x)
     assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
         jnp.shape, jax.eval_shape(fast.init, jax.random.key(1), x))
@@ -76,23 +76,15 @@ def test_cnn_fastpool_is_cnn_with_the_same_params_outputs_and_gradients(shape):
                  g_ref, g_fast)
 
 
-def test_register_is_idempotent_and_the_benchmark_registers_it():
+def test_benchmark_registers_the_select_and_scatter_cnn_with_the_same_first_loss():
     from benchmarks import torch_peer
 
-    conv_cpu.register()
-    conv_cpu.register()
-    assert models.MODELS["cnn_fastpool"] is conv_cpu.CNNFastPool
     torch_peer.register_benchmark_models()
-    assert models.MODELS["cnn_fastpool"] is conv_cpu.CNNFastPool
-    assert {"fast maxpool grad", "fast maxpool grad + onednn"} <= set(torch_peer.CNN_VARIANTS)
-
-
-def test_cnn_fastpool_benchmark_step_has_the_cnn_first_loss():
-    from benchmarks import torch_peer
-
+    assert models.MODELS["cnn_xlapool"](10).pool == "xla"
+    assert {"select_and_scatter maxpool"} <= set(torch_peer.CNN_VARIANTS)
     case = {"data": "mnist", "batch_size": 16, "steps": 2, "repeats": 1, "seconds": 0.1,
             "synthetic_size": 256}
-    ref = torch_peer.jax_steps({**case, "model": "cnn"})
-    fast = torch_peer.jax_steps({**case, "model": "cnn_fastpool"})
+    ref = torch_peer.jax_steps({**case, "model": "cnn_xlapool"})
+    fast = torch_peer.jax_steps({**case, "model": "cnn"})
     assert fast["first_loss"] == pytest.approx(ref["first_loss"], rel=1e-5)
     assert fast["steps_per_s"] > 0

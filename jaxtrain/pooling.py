@@ -1,4 +1,4 @@
-"""An XLA:CPU-friendly 2x2 max-pool gradient and the CNN that uses it (opt-in).
+"""A 2x2 max pool whose gradient is elementwise: ``models.CNN``'s pooling.
 
 On XLA:CPU the gradient of ``nn.max_pool`` (``reduce_window`` max, whose VJP is
 ``select_and_scatter``) is the slowest part of the MNIST-shape CNN training step:
@@ -13,21 +13,18 @@ of ``max_pool`` does, so gradients are identical, ties included (ties are common
 after a ReLU: whole windows of zeros). It fuses into a few loops instead of a
 scatter, about 5-8x faster for these shapes.
 
-``CNNFastPool`` is ``models.CNN`` with that pooling: the same parameters (names
-and shapes), the same function and the same gradients, so the two are
-interchangeable in a checkpoint. ``register()`` adds it to the model registry as
-``cnn_fastpool`` (``--model cnn_fastpool`` in a process that called it).
+``models.CNN`` uses it by default (``pool="elementwise"``; ``pool="xla"`` is
+``nn.max_pool``): same parameters, same outputs and gradients, so checkpoints
+do not care which. Hand-written because no library offers this VJP; the test
+pins it to ``nn.max_pool`` exactly.
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtrain import models
-
-__all__ = ["CNNFastPool", "max_pool_2x2", "register"]
+__all__ = ["max_pool_2x2"]
 
 
 def _crop(x_BHWC: jnp.ndarray) -> jnp.ndarray:
@@ -75,28 +72,3 @@ def max_pool_2x2(x_BHWC: jnp.ndarray) -> jnp.ndarray:
     """``nn.max_pool(x, (2, 2), strides=(2, 2))`` (NHWC, 'VALID') with an
     elementwise backward pass instead of ``select_and_scatter``."""
     return _pool_even(_crop(x_BHWC))
-
-
-class CNNFastPool(models.CNN):
-    """``models.CNN`` with ``max_pool_2x2`` in place of ``nn.max_pool``."""
-
-    @nn.compact
-    def __call__(self, x_BHWC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = models.Standardize(self.mean, self.std)(x_BHWC).astype(self.dtype)
-        for i, f in enumerate(self.features):
-            if self.conv == "im2col":
-                x = nn.relu(models.Im2ColConv(f, (3, 3), dtype=self.dtype, name=f"Conv_{i}")(x))
-            else:
-                x = nn.relu(nn.Conv(f, (3, 3), dtype=self.dtype, name=f"Conv_{i}")(x))
-            if min(x.shape[1:3]) >= 2:
-                x = max_pool_2x2(x)
-        x = x.reshape((x.shape[0], -1))
-        x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x))
-        if self.dropout:
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
-
-
-def register() -> None:
-    """Adds ``cnn_fastpool`` (``CNNFastPool``) to ``models.MODELS``; idempotent."""
-    models.MODELS.setdefault("cnn_fastpool", CNNFastPool)
