@@ -195,25 +195,31 @@ def test_multi_process_rejects_what_cannot_span_processes(tmp_path):
         assert "Traceback" not in r.stderr
 
 
-@pytest.mark.slow
-def test_cli_two_processes_match_one_process(tmp_path):
-    """The experiment CLI end to end: 2 processes x 2 devices == 1 process x 4 devices,
-    only process 0 writes the logs (one line per step and split)."""
+def cli_two_and_one(tmp_path: Path, *flags: str) -> tuple[Path, Path, dict, dict]:
+    """The digits-MLP CLI with ``flags`` as 2 processes x 2 devices and as 1 process x
+    4 devices, run together; asserts both end with the same params. Returns the two
+    workdirs and their summaries."""
     from jaxtrain.checkpoint import load_params
 
-    base = [sys.executable, "-m", "experiments.digits_mlp", "--epochs", "2", "--parallel",
-            "mesh", "--compilation-cache", "", "--progress", "none"]
+    base = [sys.executable, "-m", "experiments.digits_mlp", "--parallel", "mesh",
+            "--compilation-cache", "", "--progress", "none", *flags]
     port = free_port()
-    two = tmp_path / "two"
-    one = tmp_path / "one"
+    two, one = tmp_path / "two", tmp_path / "one"
     check_ok(run_all([(base + ["--workdir", str(two), "--coordinator-address",
                                f"127.0.0.1:{port}", "--num-processes", "2",
                                "--process-id", str(pid)], 2) for pid in (0, 1)]
                      + [(base + ["--workdir", str(one)], 4)]))
     assert_close([np.asarray(x) for x in _leaves(load_params(str(two)))],
                  [np.asarray(x) for x in _leaves(load_params(str(one)))])
-    s2 = json.loads((two / "summary.json").read_text())
-    s1 = json.loads((one / "summary.json").read_text())
+    return (two, one, json.loads((two / "summary.json").read_text()),
+            json.loads((one / "summary.json").read_text()))
+
+
+@pytest.mark.slow
+def test_cli_two_processes_match_one_process(tmp_path):
+    """The experiment CLI end to end: 2 processes x 2 devices == 1 process x 4 devices,
+    only process 0 writes the logs (one line per step and split)."""
+    two, _, s2, s1 = cli_two_and_one(tmp_path, "--epochs", "2")
     assert s2["test_accuracy"] == s1["test_accuracy"]
     assert s2["test_loss"] == pytest.approx(s1["test_loss"], rel=1e-5)
     assert s2["num_devices"] == 4
@@ -226,20 +232,7 @@ def test_cli_two_processes_match_one_process(tmp_path):
 def test_cli_two_processes_seed_run_matches_one_process(tmp_path):
     """A 4-seed run (chunk picked automatically, agreed by both processes) across
     2 processes x 2 devices equals the same run in 1 process x 4 devices."""
-    from jaxtrain.checkpoint import load_params
-
-    base = [sys.executable, "-m", "experiments.digits_mlp", "--epochs", "1", "--parallel",
-            "mesh", "--compilation-cache", "", "--progress", "none", "--num-seeds", "4"]
-    port = free_port()
-    two, one = tmp_path / "two", tmp_path / "one"
-    check_ok(run_all([(base + ["--workdir", str(two), "--coordinator-address",
-                               f"127.0.0.1:{port}", "--num-processes", "2",
-                               "--process-id", str(pid)], 2) for pid in (0, 1)]
-                     + [(base + ["--workdir", str(one)], 4)]))
-    assert_close([np.asarray(x) for x in _leaves(load_params(str(two)))],
-                 [np.asarray(x) for x in _leaves(load_params(str(one)))])
-    s2 = json.loads((two / "summary.json").read_text())
-    s1 = json.loads((one / "summary.json").read_text())
+    _, _, s2, s1 = cli_two_and_one(tmp_path, "--epochs", "1", "--num-seeds", "4")
     assert s2["seed_chunk"] == s1["seed_chunk"] == 4
     assert s2["test_accuracy_per_seed"] == s1["test_accuracy_per_seed"]
 
