@@ -263,6 +263,19 @@ def run_child(
     raise BenchmarkError(f"{module} case {case} failed (exit {proc.returncode}):\n{tail}")
 
 
+def run_case(
+    module: str, case: dict[str, Any], *, env: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """``run_child``, but a failed case is reported on stderr and comes back as
+    ``{**case, "error": ...}`` so the other cases still run and print."""
+    try:
+        return run_child(module, case, env=env, timeout=timeout)
+    except BenchmarkError as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return {**case, "error": str(e)}
+
+
 def child_main(fn: Callable[[dict[str, Any]], dict[str, Any]], case_json: str) -> int:
     """Runs ``fn(case)`` in a child and prints its result (plus peak memory) as one line."""
     case = json.loads(case_json)

@@ -184,12 +184,8 @@ def main(argv=None) -> int:
         env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
                "JAX_PLATFORMS": "cpu"} if fake else None
         print(f"... {n} device(s): {', '.join(args.strategies)}", flush=True)
-        try:
-            results.append(common.run_child("benchmarks.parallel", case, env=env,
-                                            timeout=args.timeout))
-        except common.BenchmarkError as e:
-            print(f"FAILED: {e}", file=sys.stderr)
-            results.append({**case, "error": str(e)})
+        results.append(common.run_case("benchmarks.parallel", case, env=env,
+                                       timeout=args.timeout))
     rows = []
     for r in results:
         if "error" in r:

@@ -162,11 +162,7 @@ def main(argv=None) -> int:
                 "repeats": args.repeats, "synthetic_size": 4096}
         if args.smoke:
             case.update(batch_size=16, steps=2, repeats=1, synthetic_size=256)
-        try:
-            results.append(common.run_child("benchmarks.pipeline", case, timeout=args.timeout))
-        except common.BenchmarkError as e:
-            print(f"FAILED: {e}", file=sys.stderr)
-            results.append({**case, "error": str(e)})
+        results.append(common.run_case("benchmarks.pipeline", case, timeout=args.timeout))
     rows = [[r["model"], r["data"], r["batch_size"], r.get("auto_placement"),
              *[r.get(f"{m}_steps_per_s") for m in MODES],
              r.get("host_vs_synthetic"), r.get("device_vs_synthetic"),
@@ -178,11 +174,7 @@ def main(argv=None) -> int:
     payload: dict[str, Any] = {"results": results}
     if args.loop or (args.loop is None and not args.smoke):
         case = {"kind": "loop", "epochs": 1 if args.smoke else args.epochs}
-        try:
-            lc = common.run_child("benchmarks.pipeline", case, timeout=args.timeout)
-        except common.BenchmarkError as e:
-            print(f"FAILED: {e}", file=sys.stderr)
-            lc = {**case, "error": str(e)}
+        lc = common.run_case("benchmarks.pipeline", case, timeout=args.timeout)
         payload["loop_check"] = lc
         if "error" not in lc:
             common.print_table(

@@ -216,11 +216,7 @@ def main(argv=None) -> int:
     for case in build_cases(args, info["platform"]):
         print(f"... {case['model']} {case['data']} {case['dtype']} batch {case['batch_size']}",
               flush=True)
-        try:
-            results.append(common.run_child("benchmarks.throughput", case, timeout=args.timeout))
-        except common.BenchmarkError as e:
-            print(f"FAILED: {e}", file=sys.stderr)
-            results.append({**case, "error": str(e)})
+        results.append(common.run_case("benchmarks.throughput", case, timeout=args.timeout))
     rows = [
         [r["model"], r["data"], r["dtype"], r["batch_size"], r.get("steps_per_s"),
          r.get("images_per_s"), r.get("flops_per_step") and r["flops_per_step"] / 1e9,

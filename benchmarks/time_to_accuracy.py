@@ -124,12 +124,8 @@ def main(argv=None) -> int:
             case = {"start": start, "requested_platform": plat, "cache": cache,
                     "target": args.target, "epochs": epochs, "t_launch": time.time(),
                     "stop_at_target": not args.no_stop}
-            try:
-                results.append(common.run_child("benchmarks.time_to_accuracy", case, env=env,
-                                                timeout=args.timeout))
-            except common.BenchmarkError as e:
-                print(f"FAILED: {e}", file=sys.stderr)
-                results.append({**case, "error": str(e)})
+            results.append(common.run_case("benchmarks.time_to_accuracy", case, env=env,
+                                           timeout=args.timeout))
     rows = [[r.get("platform", r["requested_platform"]), r["start"],
              r.get("seconds_from_launch"), r.get("seconds_from_training_start"),
              r.get("init_and_first_step_s"), r.get("epochs_to_target"),

@@ -551,12 +551,8 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(kind: str, case: dict[str, Any], args, env: dict[str, str] | None = None):
-    try:
-        return common.run_child("benchmarks.torch_peer", {"kind": kind, **case}, env=env,
-                                timeout=args.timeout)
-    except common.BenchmarkError as e:
-        print(f"FAILED: {e}", file=sys.stderr)
-        return {**case, "error": str(e)}
+    return common.run_case("benchmarks.torch_peer", {"kind": kind, **case}, env=env,
+                           timeout=args.timeout)
 
 
 def suite_mlp(args, threads) -> dict[str, Any]:
