@@ -385,7 +385,8 @@ def test_torch_peer_main(tmp_path):
 def test_gpu_check_smoke(tmp_path):
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, capture_output=True,
                           text=True, timeout=900, check=False,
-                          env={**os.environ, "SMOKE": "1", "OUT": str(tmp_path)})
+                          env={**os.environ, "SMOKE": "1", "OUT": str(tmp_path),
+                               "PYTHON": sys.executable})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = _load(tmp_path / "summary.json")
     assert summary["smoke"] and summary["device"]
