@@ -74,6 +74,7 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
 
     from jaxtrain import data as data_lib
     from jaxtrain import loop
+    from jaxtrain import profiling
 
     t0 = time.perf_counter()
     config = train_config(case)
@@ -103,8 +104,8 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     compiled = lowered.compile()
     t_compile = time.perf_counter() - t0
     # FLOPs of one step, from the single-step program (cost analysis counts a scan body once)
-    one = jax.jit(single).lower(state, train, idxs[0][0] if k > 1 else idxs[0], key)
-    model_flops = common.compiled_flops(one)
+    model_flops = profiling.model_flops(single, state, train, idxs[0][0] if k > 1 else idxs[0],
+                                        key)
     xla_flops = common.compiled_flops(compiled) if k == 1 else None
 
     counter = {"i": 0}

@@ -309,6 +309,9 @@ def check_model_input(
 
     images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
     shape = "x".join(map(str, image_shape))
+    if min(image_shape, default=0) <= 0:  # some jax/flax versions trace empty images silently
+        raise ConfigError(f"--model {name} cannot take {shape} images of this dataset "
+                          "(every image dimension must be positive)")
     try:
         logits, _ = jax.eval_shape(
             lambda x: model.init_with_output(jax.random.PRNGKey(0), x, train=False), images

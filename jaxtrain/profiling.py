@@ -98,6 +98,29 @@ def param_bytes(params: Any) -> int:
                    for x in jax.tree.leaves(params)))
 
 
+def model_flops(fn: Callable[..., Any], *args: Any) -> float | None:
+    """FLOPs of one call ``fn(*args)`` as written (model FLOPs, what MFU counts).
+
+    Counted by XLA's HLO cost analysis of the unoptimized program lowered for the
+    CPU backend from the shapes of ``args`` (nothing runs or compiles). Why not the
+    compiled program's analysis: on a GPU it counts cuDNN convolutions and other
+    library calls as 0 FLOPs, and the GPU plugin has no pre-compilation analysis.
+    ``None`` where there is no CPU backend or the analysis is missing.
+    """
+    try:
+        cpu = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS excludes the CPU
+        return None
+    on_cpu = jax.sharding.SingleDeviceSharding(cpu)
+    specs = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=on_cpu), args)
+    cost = jax.jit(fn).lower(*specs).cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
 def compiled_stats(compiled: Any) -> dict[str, float]:
     """FLOPs and memory of one compiled program (``jit(f).lower(...).compile()``), per device.
 

@@ -114,6 +114,7 @@ class Bad:
     message: str | tuple[str, ...]  # part(s) of the one error line (no paths)
     workdir: str = "finished"  # finished | notes | file | under-file | proc
     patch: Callable | None = None
+    tfds: bool = False  # the message comes from TFDS itself (skipped where it is not installed)
 
     def __str__(self) -> str:
         return self.id
@@ -155,9 +156,9 @@ BAD = [
     Bad("dataset-misspelled", ("--dataset", "Digits"),
         "unknown --dataset 'Digits'; choose digits, synthetic or a TFDS name such as mnist"),
     Bad("dataset-unknown-to-tfds", ("--dataset", "digitz"),
-        "unknown --dataset 'digitz': TFDS has no such dataset"),
+        "unknown --dataset 'digitz': TFDS has no such dataset", tfds=True),
     Bad("tfds-not-prepared", ("--dataset", "mnist", "--data-dir", "{tmp}"),
-        "dataset 'mnist' is not prepared in"),
+        "dataset 'mnist' is not prepared in", tfds=True),
     Bad("data-dir-missing", ("--dataset", "mnist", "--data-dir", "/nonexistent/tfds"),
         "--data-dir /nonexistent/tfds is not a directory"),
     Bad("too-few-examples", ("--dataset", "synthetic", "--synthetic-size", "50"),
@@ -221,6 +222,8 @@ def _workdir(case: Bad, tmp_path: Path, finished_run: Path) -> Path:
 
 @pytest.mark.parametrize("case", BAD, ids=str)
 def test_bad_input(case: Bad, tmp_path, finished_run, monkeypatch, capsys, caplog):
+    if case.tfds:
+        pytest.importorskip("tensorflow_datasets")
     if case.patch is not None:
         case.patch(monkeypatch)
     workdir = _workdir(case, tmp_path, finished_run)

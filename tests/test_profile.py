@@ -16,7 +16,13 @@ import pytest
 
 from jaxtrain.config import ConfigError, TrainConfig
 from jaxtrain.loop import train_and_evaluate
-from jaxtrain.profiling import StepProfiler, format_dry_run, param_count, parse_profile_steps
+from jaxtrain.profiling import (
+    StepProfiler,
+    format_dry_run,
+    model_flops,
+    param_count,
+    parse_profile_steps,
+)
 from jaxtrain.writers import read_tensorboard
 
 BASE = TrainConfig(dataset="digits", model="mlp", epochs=1, batch_size=64, lr=2e-3,
@@ -159,3 +165,18 @@ def test_dry_run_cli_exits_zero(tmp_path, capsys):
 def test_param_count():
     tree = {"a": np.zeros((3, 4)), "b": {"c": np.zeros(5, np.float16)}}
     assert param_count(tree) == 17
+
+
+def test_model_flops_counts_dots_and_convolutions_by_hand():
+    """Counted on the unoptimized program (the GPU's compiled analysis misses cuDNN convs)."""
+    x, w = jnp.ones((8, 16)), jnp.ones((16, 4))
+    assert model_flops(lambda a, b: a @ b, x, w) == 2 * 8 * 16 * 4
+
+    img, kernel = jnp.ones((2, 6, 6, 3), jnp.bfloat16), jnp.ones((3, 3, 3, 5), jnp.bfloat16)
+
+    def conv(i, k):
+        return jax.lax.conv_general_dilated(i, k, (1, 1), "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    # 2 * output positions (2*4*4) * output channels (5) * kernel volume (3*3*3)
+    assert model_flops(conv, img, kernel) == 2 * (2 * 4 * 4) * 5 * (3 * 3 * 3)
