@@ -73,8 +73,7 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from jaxtrain import data as data_lib
-    from jaxtrain import loop
-    from jaxtrain import profiling
+    from jaxtrain import loop, profiling
 
     t0 = time.perf_counter()
     config = train_config(case)

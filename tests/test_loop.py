@@ -115,16 +115,18 @@ def test_progress_mode_follows_the_terminal(monkeypatch):
 def test_gc_frozen_keeps_older_objects_out_of_collections_and_hands_them_back():
     import gc
 
-    from jaxtrain.loop import gc_frozen
+    from jaxtrain.loop import _FROZEN_AT_IMPORT, gc_frozen
 
     inside = []
     traced = gc_frozen(lambda: inside.append(gc.get_freeze_count()) or "result")
-    assert gc.get_freeze_count() == 0
-    assert traced() == "result" and inside[-1] > 0
-    assert gc.get_freeze_count() == 0  # unfrozen on return
+    start = gc.get_freeze_count()  # not 0 on CPython 3.12: it starts with 375 frozen
+    assert start <= _FROZEN_AT_IMPORT
+    for _ in range(2):  # the second call too (3.12's startup objects are unfrozen by then)
+        assert traced() == "result" and inside[-1] > 10_000
+        assert gc.get_freeze_count() <= start  # unfrozen on return
     with pytest.raises(ZeroDivisionError):
         gc_frozen(lambda: 1 / 0)()
-    assert gc.get_freeze_count() == 0  # and when it raises
+    assert gc.get_freeze_count() <= start  # and when it raises
     gc.freeze()  # a caller that froze objects itself keeps them frozen
     try:
         frozen = gc.get_freeze_count()

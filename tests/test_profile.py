@@ -86,6 +86,7 @@ def test_step_profiler_edges(tmp_path):
     assert _traced_steps(str(tmp_path / "fused")) == [2, 4]  # one annotation per call
 
 
+@pytest.mark.needs("tensorboardX")
 @pytest.mark.parametrize("steps_per_call, annotated", [(1, [3, 4]), (4, [0, 4])])
 def test_training_run_with_profile_steps(tmp_path, steps_per_call, annotated):
     """The loop traces the calls holding steps 3 and 4 (one call per step, or fused

@@ -36,6 +36,7 @@ def test_jsonl_round_trip(tmp_path):
     assert got[3]["loss"] == "nan"  # JSON has no NaN: stored as its repr
 
 
+@pytest.mark.needs("tensorboardX")
 def test_tensorboard_event_files_read_back(tmp_path):
     logdir = str(tmp_path / "tb")
     _write_all(W.TensorBoardWriter(logdir, config={"lr": 0.1}))
@@ -51,6 +52,7 @@ def test_tensorboard_event_files_read_back(tmp_path):
     assert [s.step for s in scalars] == sorted(s.step for s in scalars)
 
 
+@pytest.mark.needs("tensorboardX")
 def test_tensorboard_seed_runs_get_one_tag_per_seed(tmp_path):
     w = W.TensorBoardWriter(str(tmp_path))
     w.write(5, "val", {"seed": 3, "accuracy": 0.75})
@@ -60,6 +62,7 @@ def test_tensorboard_seed_runs_get_one_tag_per_seed(tmp_path):
     assert got == {"val/accuracy/seed_3": 0.75, "val/accuracy/seed_4": 0.5}
 
 
+@pytest.mark.needs("tensorboardX")
 def test_tensorboard_reader_checks_crc(tmp_path):
     _write_all(W.TensorBoardWriter(str(tmp_path)))
     (path,) = list(tmp_path.iterdir())
@@ -73,6 +76,7 @@ def test_tensorboard_reader_checks_crc(tmp_path):
         W.read_tensorboard(str(tmp_path))
 
 
+@pytest.mark.needs("tensorboardX")
 def test_tensorboard_reader_tolerates_truncated_tail(tmp_path):
     _write_all(W.TensorBoardWriter(str(tmp_path)))
     (path,) = list(tmp_path.iterdir())
@@ -81,6 +85,7 @@ def test_tensorboard_reader_tolerates_truncated_tail(tmp_path):
     assert len(got) == sum(len(m) for _, _, m in RECORDS) - 1
 
 
+@pytest.mark.needs("tensorboardX")
 def test_tensorboard_purge_step_hides_steps_rewritten_by_a_resumed_run(tmp_path):
     first = W.TensorBoardWriter(str(tmp_path))
     for step in range(1, 6):
@@ -102,6 +107,7 @@ def test_log_writer_lines():
     assert buf.getvalue() == "step 7 val: loss=0.1235 accuracy=0.9\n"
 
 
+@pytest.mark.needs("tensorboardX")
 def test_create_writers_default_is_jsonl_plus_tensorboard(tmp_path):
     ws = W.create_writers(TrainConfig(), str(tmp_path))
     assert [type(w) for w in ws] == [W.JsonlWriter, W.TensorBoardWriter]
