@@ -836,7 +836,13 @@ def dry_run(
     """``--dry-run``: compiles the train step as the loop would (same strategy, seeds,
     data placement) and prints parameter count, FLOPs per step and memory per device.
     Trains nothing and writes nothing. Returns the figures."""
-    from jaxtrain.profiling import compiled_stats, format_dry_run, param_bytes, param_count
+    from jaxtrain.profiling import (
+        compiled_stats,
+        format_dry_run,
+        model_flops,
+        param_bytes,
+        param_count,
+    )
 
     update_fn = make_update(config, resident=resident)
     pid, nproc = jax.process_index(), jax.process_count()
@@ -867,6 +873,13 @@ def dry_run(
     else:
         compiled = update.lower(*args).compile()
     stats = compiled_stats(compiled)
+    # one model's step over the global batch, as written (the compiled analysis above
+    # counts cuDNN convolutions as 0 on a GPU, and partitioned or vmapped work per device)
+    one_state = jax.tree.map(lambda x: x[0], host_state) if seeded else host_state
+    gidx = data_lib.batch_indices(seeds[0], 0, n_train, config.batch_size)
+    one_data = (dataset.train, gidx) if resident else ({k: v[gidx] for k, v in
+                                                        dataset.train.items()},)
+    flops_model = model_flops(update_fn, one_state, *one_data, step_key(seeds[0]))
     device = next(d for d in strategy.devices if d.process_index == jax.process_index())
     memory = (device.memory_stats() or {}) if hasattr(device, "memory_stats") else {}
     report = {
@@ -884,6 +897,7 @@ def dry_run(
         "param_bytes": param_bytes(host_state.params) // len(seeds),
         "flops_per_device": stats["flops"],
         "flops_per_step": stats["flops"] * strategy.num_devices,
+        "model_flops_per_step": flops_model,
         "device_memory_bytes": memory.get("bytes_limit"),
         **{k: v for k, v in stats.items() if k != "flops"},
     }

@@ -169,6 +169,9 @@ def format_dry_run(report: dict[str, Any]) -> str:
         f"parameters: {r['params']:,} ({_size(r['param_bytes'])})",
         (f"FLOPs per step: {r['flops_per_step']:.4g} ({r['flops_per_device']:.4g} per device, "
          "XLA cost analysis of the compiled step)"),
+        (f"model FLOPs per step: {r['model_flops_per_step']:.4g} (one model, global batch, "
+         "the step as written)" if r.get("model_flops_per_step") else
+         "model FLOPs per step: n/a"),
         (f"memory per device: {_size(r['footprint_bytes'])} (arguments "
          f"{_size(r['argument_bytes'])} + outputs {_size(r['output_bytes'])} - donated "
          f"{_size(r['alias_bytes'])} + temporaries {_size(r['temp_bytes'])})"),

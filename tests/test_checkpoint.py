@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import json
 import os
 import shutil
 
@@ -64,6 +65,23 @@ def _data_files(workdir: str, step: int) -> list[str]:
     files = glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**", "d", "*"),
                       recursive=True)
     return sorted(files, key=os.path.getsize, reverse=True)
+
+
+def _damage_data(workdir: str, step: int, how: str) -> None:
+    """Damages every OCDBT data file of ``step``. Every one, not the biggest: OCDBT keeps
+    superseded b-tree files next to live ones (often of equal size), and which one a
+    glob lists first varies, so damaging one file at times damaged nothing read."""
+    for path in _data_files(workdir, step):
+        if how == "truncate":
+            os.truncate(path, os.path.getsize(path) // 2)
+        elif how == "delete":
+            os.remove(path)
+        else:  # "overwrite": same size, different bytes
+            with open(path, "r+b") as f:
+                data = bytearray(f.read())
+                data[len(data) // 2] ^= 0xFF
+                f.seek(0)
+                f.write(data)
 
 
 # ----------------------------------------------------------------------------- save / restore
@@ -164,17 +182,8 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, damage):
         _save(ckpt, step)
     ckpt.close()
     step_dir = os.path.join(workdir, "checkpoints", "20")
-    biggest = _data_files(workdir, 20)[0]
-    if damage == "truncate":
-        os.truncate(biggest, os.path.getsize(biggest) // 2)
-    elif damage == "delete":
-        os.remove(biggest)
-    elif damage == "overwrite":  # same size, different bytes: only the checksum sees it
-        with open(biggest, "r+b") as f:
-            data = bytearray(f.read())
-            data[len(data) // 2] ^= 0xFF
-            f.seek(0)
-            f.write(data)
+    if damage in ("truncate", "delete", "overwrite"):
+        _damage_data(workdir, 20, damage)
     elif damage == "meta":
         os.remove(os.path.join(step_dir, "meta", "metadata"))
     else:
@@ -188,11 +197,29 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, damage):
     assert _equal(found.tree, _tree(10))
 
 
+def test_values_that_differ_from_their_checksums_are_damage(tmp_path):
+    """Bytes that still decode but changed (what a flipped bit in array data gives)."""
+    ckpt = Checkpointer(str(tmp_path))
+    _save(ckpt, 4)
+    ckpt.close()
+    path = os.path.join(tmp_path, "checkpoints", "4", "meta", "metadata")
+    with open(path) as f:
+        meta = json.load(f)
+    meta["checksums"]["params/dense/kernel"] ^= 1
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    reader = Checkpointer(str(tmp_path), read_only=True)
+    with pytest.raises(DamagedCheckpointError,
+                       match="step 4.*params/dense/kernel does not match its checksum"):
+        reader.restore(4, _tree(0))
+    reader.close()
+
+
 def test_every_checkpoint_damaged_is_a_one_line_error(tmp_path):
     ckpt = Checkpointer(str(tmp_path))
     _save(ckpt, 1)
     ckpt.close()
-    os.remove(_data_files(str(tmp_path), 1)[0])
+    _damage_data(str(tmp_path), 1, "delete")
     reader = Checkpointer(str(tmp_path), read_only=True)
     with pytest.raises(ConfigError, match="every checkpoint .* is damaged") as e:
         reader.restore_latest(_tree(0))
@@ -282,7 +309,7 @@ def test_load_params_skips_damaged_latest_with_a_warning(tmp_path):
     for step in (1, 2):
         _save(ckpt, step)
     ckpt.close()
-    os.remove(_data_files(str(tmp_path), 2)[0])
+    _damage_data(str(tmp_path), 2, "delete")
     with pytest.warns(UserWarning, match="damaged checkpoint at step 2.*using step 1"):
         params = load_params(str(tmp_path))
     assert _equal(params, _tree(1)["params"])

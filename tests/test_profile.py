@@ -121,6 +121,8 @@ def test_dry_run_figures_match_hand_counts(tmp_path, capsys):
     # and the usual 6 * params * batch rule of thumb holds within 20% (the missing
     # first-layer input gradient makes the dots 7% less than 6PB)
     assert 0.8 <= r["flops_per_step"] / (6 * PARAMS * 64) <= 1.2
+    # the step as written counts the same dots before XLA optimizes it
+    assert dense <= r["model_flops_per_step"] <= 1.25 * dense
     # memory: state (params + Adam's two moments) and the device-resident train split
     # are arguments; the donated state is aliased to the output
     train_bytes = 1294 * (64 * 4 + 4)
@@ -143,6 +145,7 @@ def test_dry_run_over_a_mesh_reports_per_device_work(tmp_path):
     # the dots split 8 ways; the optimizer update is replicated on every device
     assert dense / 8 <= mesh["flops_per_device"] <= one["flops_per_device"] / 4
     assert mesh["flops_per_step"] == 8 * mesh["flops_per_device"]
+    assert mesh["model_flops_per_step"] == one["model_flops_per_step"]  # the same model step
 
 
 def test_dry_run_of_a_seed_run_counts_one_model_and_all_seeds_work(tmp_path):
@@ -150,6 +153,7 @@ def test_dry_run_of_a_seed_run_counts_one_model_and_all_seeds_work(tmp_path):
     seeds = train_and_evaluate(BASE.replace(dry_run=True, num_seeds=4), str(tmp_path / "b"))
     assert seeds["params"] == PARAMS and seeds["num_seeds"] == 4
     assert seeds["flops_per_step"] == pytest.approx(4 * one["flops_per_step"], rel=0.05)
+    assert seeds["model_flops_per_step"] == one["model_flops_per_step"]  # one model's step
     assert seeds["argument_bytes"] >= 4 * 3 * 4 * PARAMS  # four states
 
 
