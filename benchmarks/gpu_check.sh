@@ -13,6 +13,7 @@
 #     tests        pytest -m "not slow" -x -q
 #     throughput   MLP digits, CNN MNIST-shape (f32), ResNet-18 CIFAR-shape (bf16): steps/s,
 #                  images/s, MFU against $PEAK_FLOPS (H100/H200 bf16 dense: 989e12)
+#     fused_steps  ResNet-18 again with 4 steps per call (lax.scan)
 #     pipeline     host pipeline vs device-resident vs synthetic batches
 #   phase B, nothing else running:
 #     torch_resnet ResNet-18 CIFAR-shape bf16 vs PyTorch (autocast bf16, channels_last,
@@ -81,6 +82,7 @@ if [[ "$SMOKE" == 1 ]]; then
   TESTS=(-m "not slow" -x -q -p no:cacheprovider tests/test_benchmarks.py -k "call_plan or unstack or write_results or round_trip")
   XDIST=()
   TP_CASES=mlp:digits
+  FUSED_CASES=mlp:digits
   PIPE_CASES=mlp:digits
   TTA_PLATFORMS=default
   CPU_CASES=mlp:digits
@@ -91,6 +93,7 @@ else
   TORCH_ARGS=(--torch-compile on --torch-compile-mode default,reduce-overhead)
   TESTS=(-m "not slow" -x -q -p no:cacheprovider)
   TP_CASES=mlp:digits:float32,cnn:mnist:float32,resnet18:cifar:bfloat16
+  FUSED_CASES=resnet18:cifar:bfloat16   # 4 steps per call (lax.scan): is dispatch the gap?
   PIPE_CASES=mlp:digits,resnet18:cifar
   TTA_PLATFORMS=default,cpu
   CPU_CASES=mlp:digits,cnn:mnist
@@ -103,6 +106,9 @@ step tests "$LIM_TESTS" "$PY" -m pytest "${TESTS[@]}" "${XDIST[@]}" &
 TESTS_PID=$!
 step throughput "$LIM_A" "$PY" -m benchmarks.throughput "${S[@]}" --out "$RAW" --tag accel \
   --cases "$TP_CASES" --resnet-batch-size 256 --seconds 1 --repeats 3 "${PEAK_ARGS[@]}"
+step fused_steps "$LIM_A" "$PY" -m benchmarks.throughput "${S[@]}" --out "$RAW" --tag accel-fused \
+  --cases "$FUSED_CASES" --resnet-batch-size 256 --steps-per-call 4 --seconds 1 --repeats 3 \
+  "${PEAK_ARGS[@]}"
 step pipeline "$LIM_A" "$PY" -m benchmarks.pipeline "${S[@]}" --out "$RAW" --tag accel \
   --cases "$PIPE_CASES" --batch-size 256 --no-loop --seconds 1
 wait "$TESTS_PID"
@@ -144,10 +150,12 @@ def mem(r):
 
 
 figures = {}
-for tag in ("accel", "host-cpu"):
+for tag in ("accel", "accel-fused", "host-cpu"):
     d = docs.get(f"throughput-{tag}")
     for r in (d or {}).get("results", []):
-        key = f"throughput/{d['machine']['platform']}/{r['model']}-{r['data']}-{r['dtype']}-b{r['batch_size']}"
+        k = r.get("steps_per_call") or 1
+        key = (f"throughput/{d['machine']['platform']}/{r['model']}-{r['data']}-{r['dtype']}"
+               f"-b{r['batch_size']}" + (f"-k{k}" if k > 1 else ""))
         figures[key] = {k: r.get(k) for k in ("steps_per_s", "images_per_s", "flops_per_step",
                                               "mfu", "compile_s", "error")} | mem(r)
 d = docs.get("pipeline-accel")
