@@ -67,13 +67,15 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
 
     ``case``: ``model``, ``data``, ``batch_size``, ``dtype``, ``seconds`` (target wall
     time of one timed repeat), ``repeats``, optional ``steps`` (fixed count),
-    ``peak_flops``, ``steps_per_call``."""
+    ``peak_flops``, ``steps_per_call``, ``parallel`` (``none``, ``mesh`` or ``pmap``
+    over ``devices`` devices, 0 = all: the loop's data-parallel step, e.g. over CPU
+    cores made devices with ``--xla_force_host_platform_device_count``)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from jaxtrain import data as data_lib
-    from jaxtrain import loop, profiling
+    from jaxtrain import loop, parallel, profiling
 
     t0 = time.perf_counter()
     config = train_config(case)
@@ -85,26 +87,35 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
         dataset.train.update({k: np.concatenate([v] * reps) for k, v in dataset.train.items()})
         n_train *= reps
     k = int(case.get("steps_per_call", 1))
-    state = loop.build_model_and_state(config, dataset, 10_000)
+    host_state = state = loop.build_model_and_state(config, dataset, 10_000)
     single = loop.make_update(config, resident=True)
     update = loop.fuse_steps(single, k, resident=True) if k > 1 else single
-    device = jax.devices()[0]
-    state = jax.device_put(state, device)
-    train = jax.device_put(dataset.train, device)
-    key = jax.device_put(loop.step_key(0), device)
+    kind = case.get("parallel", "none")
+    strategy = parallel.create_strategy(kind, int(case.get("devices", 0)))
+    if strategy.kind != "none" and k > 1:
+        raise ValueError("a benchmark case takes parallel or steps_per_call, not both")
+    strategy.check_batch_size(bs)
+    # placed as the loop places them: state, data and key replicated, batch indices sharded
+    state = strategy.replicate(state)
+    train = strategy.replicate(dataset.train)
+    key = strategy.replicate(loop.step_key(0))
     shape = (k, bs) if k > 1 else (bs,)
-    idxs = [jax.device_put(np.resize(data_lib.batch_indices(0, s, n_train, bs), shape)
-                           .astype(np.int32), device) for s in range(4)]
+    idxs = [strategy.shard(np.resize(data_lib.batch_indices(0, s, n_train, bs), shape)
+                           .astype(np.int32)) for s in range(4)]
     t_setup = time.perf_counter() - t0
 
-    jitted = jax.jit(update, donate_argnums=(0,))
+    jitted = strategy.compile(update, donate_argnums=(0,))
     t0 = time.perf_counter()
     lowered = jitted.lower(state, train, idxs[0], key)
     compiled = lowered.compile()
+    if strategy.devices[0].platform == "cpu" and strategy.num_devices > 1:
+        compiled = parallel.Throttled(compiled, parallel.CPU_MAX_IN_FLIGHT)  # the CPU hazard
     t_compile = time.perf_counter() - t0
-    # FLOPs of one step, from the single-step program (cost analysis counts a scan body once)
-    model_flops = profiling.model_flops(single, state, train, idxs[0][0] if k > 1 else idxs[0],
-                                        key)
+    # FLOPs of one step over the whole batch, from the single-step program as written
+    # (cost analysis counts a scan body once), on the host values (before any placement)
+    model_flops = profiling.model_flops(single, host_state, dataset.train,
+                                        np.resize(data_lib.batch_indices(0, 0, n_train, bs), bs)
+                                        .astype(np.int32), loop.step_key(0))
     xla_flops = common.compiled_flops(compiled) if k == 1 else None
 
     counter = {"i": 0}
@@ -148,8 +159,9 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
         "flops_per_s": flops / s_per_step if flops else None,
         "params_finite": loss_finite,
         "first_loss": first_loss,
-        "param_count": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
-        "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state.params)}),
+        "param_count": int(sum(np.size(x) for x in jax.tree.leaves(host_state.params))),
+        "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(host_state.params)}),
+        "num_devices": strategy.num_devices,
     }
     peak = case.get("peak_flops")
     out["mfu"] = out["flops_per_s"] / peak if peak and out["flops_per_s"] else None
@@ -176,6 +188,10 @@ def parse_args(argv):
     p.add_argument("--peak-flops", type=float, default=None,
                    help="peak FLOP/s of one device for MFU (H100 SXM bf16 dense: 989e12)")
     p.add_argument("--steps-per-call", type=int, default=1)
+    p.add_argument("--parallel", choices=("none", "pmap", "mesh"), default="none",
+                   help="the loop's data-parallel step over --devices devices (on a CPU, "
+                        "make them with JAX_NUM_CPU_DEVICES=N)")
+    p.add_argument("--devices", type=int, default=0, help="devices for --parallel (0 = all)")
     p.add_argument("--synthetic-size", type=int, default=2048)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     return p.parse_args(argv)
@@ -197,7 +213,8 @@ def build_cases(args, platform: str) -> list[dict[str, Any]]:
             case = {"model": model, "data": data, "dtype": dtype, "batch_size": bs,
                     "seconds": args.seconds, "repeats": args.repeats,
                     "peak_flops": args.peak_flops, "steps_per_call": args.steps_per_call,
-                    "synthetic_size": args.synthetic_size}
+                    "synthetic_size": args.synthetic_size, "parallel": args.parallel,
+                    "devices": args.devices}
             steps = args.resnet_steps or (3 if on_cpu else None)
             if resnet and steps:
                 case["steps"] = steps

@@ -69,6 +69,27 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "onednn + single-thread eigen + fast math": (
         {}, ("--xla_cpu_use_onednn=true --xla_cpu_multi_thread_eigen=false "
              "--xla_cpu_enable_fast_math=true")),
+    # data parallel over the cores: each core an XLA:CPU device, the loop's pmap / mesh step
+    "2 CPU devices, pmap": ({"parallel": "pmap", "devices": 2},
+                            "--xla_force_host_platform_device_count=2"),
+    "2 CPU devices, mesh": ({"parallel": "mesh", "devices": 2},
+                            "--xla_force_host_platform_device_count=2"),
+    "2 CPU devices, pmap + single-thread eigen": (
+        {"parallel": "pmap", "devices": 2},
+        "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false"),
+    "2 CPU devices, mesh + single-thread eigen": (
+        {"parallel": "mesh", "devices": 2},
+        "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false"),
+    "2 CPU devices, pmap + onednn": (
+        {"parallel": "pmap", "devices": 2},
+        "--xla_force_host_platform_device_count=2 --xla_cpu_use_onednn=true"),
+    "2 CPU devices, pmap + fast math": (
+        {"parallel": "pmap", "devices": 2},
+        "--xla_force_host_platform_device_count=2 --xla_cpu_enable_fast_math=true"),
+    "2 CPU devices, pmap, bf16": ({"parallel": "pmap", "devices": 2, "dtype": "bfloat16"},
+                                  "--xla_force_host_platform_device_count=2"),
+    "4 CPU devices, pmap": ({"parallel": "pmap", "devices": 4},
+                            "--xla_force_host_platform_device_count=4"),
 }
 # Not listed: --xla_cpu_use_thunk_runtime=false is ignored by jaxlib 0.10 ("no longer
 # supported"); --xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce returned NaN for
@@ -602,8 +623,9 @@ def suite_cnn(args, threads, platform: str) -> dict[str, Any]:
         base.update(batch_size=16, steps=2, repeats=1, synthetic_size=256)
     variants = {k: v for k, v in CNN_VARIANTS.items() if not args.cnn_variants
                 or k in args.cnn_variants}
-    if platform != "cpu":  # XLA:CPU flags do nothing there
-        variants = {k: v for k, v in variants.items() if "xla_cpu" not in v[1]}
+    if platform != "cpu":  # XLA:CPU flags and CPU devices do nothing there
+        variants = {k: v for k, v in variants.items()
+                    if "xla_cpu" not in v[1] and "host_platform" not in v[1]}
     if args.smoke and not args.cnn_variants:
         variants = {k: variants[k] for k in SMOKE_CNN_VARIANTS if k in variants}
     torch_cases = {"pytorch eager NCHW": {}, "pytorch eager channels_last":

@@ -9,7 +9,7 @@ from jaxtrain.config import ConfigError, TrainConfig
 from jaxtrain.data import DataError, Dataset, load_dataset
 from jaxtrain.models import MODELS, create_model
 from jaxtrain.optim import create_optimizer, create_schedule
-from jaxtrain.parallel import ParallelError, Strategy, create_strategy
+from jaxtrain.parallel import ParallelError, Strategy, create_strategy, use_cpu_devices
 from jaxtrain.seeds import map_seeds
 from jaxtrain.state import TrainState, create_train_state
 from jaxtrain.steps import cross_entropy, eval_step, train_step
@@ -43,6 +43,7 @@ __all__ = [
     "summarize_axis",
     "train_and_evaluate",
     "train_step",
+    "use_cpu_devices",
 ]
 
 

@@ -36,7 +36,7 @@ from jaxtrain.config import ConfigError, TrainConfig, check_model_input, check_p
 from jaxtrain.manifest import build_manifest
 from jaxtrain.models import create_model
 from jaxtrain.optim import create_optimizer, create_schedule
-from jaxtrain.parallel import Strategy, create_strategy, prefetch
+from jaxtrain.parallel import Strategy, create_strategy, prefetch, use_cpu_devices
 from jaxtrain.profiling import StepProfiler
 from jaxtrain.seeds import (
     SeedPlacement,
@@ -488,6 +488,7 @@ def train_and_evaluate(
 
     # --- devices ---------------------------------------------------------------------
     # Joins a multi-process run (flags or SLURM / Open MPI) before anything touches a device.
+    use_cpu_devices(config.cpu_devices)
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
     is_main = jax.process_index() == 0
     strategy = create_strategy(config.parallel, config.devices)

@@ -117,6 +117,12 @@ def test_throughput_main_writes_consistent_figures(tmp_path, monkeypatch, capsys
     fused = throughput.measure_case({**r, "steps_per_call": 3})
     assert fused["flops_per_step"] == r["flops_per_step"]
     assert fused["first_loss"] == pytest.approx(r["first_loss"], rel=1e-6)
+    # the loop's data-parallel step over devices: the same model FLOPs and first loss
+    for kind in ("pmap", "mesh"):
+        par = throughput.measure_case({**r, "parallel": kind, "devices": 2})
+        assert par["num_devices"] == 2 and par["param_count"] == r["param_count"]
+        assert par["flops_per_step"] == r["flops_per_step"]
+        assert par["first_loss"] == pytest.approx(r["first_loss"], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- pipeline

@@ -180,6 +180,10 @@ BAD = [
     Bad("too-many-devices", ("--devices", "9"),
         "--devices 9 asks for more than the 8 visible device(s)"),
     Bad("devices-negative", ("--devices", "-1"), "--devices must be >= 0, got -1"),
+    Bad("cpu-devices-negative", ("--cpu-devices", "-1"), "--cpu-devices must be >= 0, got -1"),
+    Bad("cpu-devices-after-jax-started", ("--cpu-devices", "3"),
+        "--cpu-devices 3 must be set before JAX starts (this process already has 8 CPU "
+        "device(s)); start a new process or set JAX_NUM_CPU_DEVICES=3"),
     Bad("seeds-with-pmap", ("--num-seeds", "2", "--parallel", "pmap"),
         "--num-seeds > 1 runs with --parallel mesh or none, not pmap"),
     Bad("steps-per-call-on-a-mesh", ("--steps-per-call", "4"),

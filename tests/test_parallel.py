@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from jaxtrain import data as data_lib
 from jaxtrain import models
 from jaxtrain.config import TrainConfig
 from jaxtrain.loop import build_model_and_state, init_key, make_update, step_key
-from jaxtrain.parallel import AXIS, ParallelError, create_strategy, prefetch
+from jaxtrain.parallel import AXIS, ParallelError, create_strategy, prefetch, use_cpu_devices
 from jaxtrain.state import create_train_state
 from jaxtrain.steps import eval_step
 
@@ -357,6 +358,13 @@ def test_pmap_on_a_subset_places_on_that_subset():
     np.testing.assert_allclose(strategy.unreplicate(out), [6.0, 9.0])
 
 
+def test_use_cpu_devices_after_jax_started():
+    use_cpu_devices(0)  # nothing asked
+    use_cpu_devices(len(jax.devices("cpu")))  # already so: nothing to do
+    with pytest.raises(ParallelError, match=r"--cpu-devices 3 must be set before JAX starts"):
+        use_cpu_devices(3)
+
+
 @pytest.mark.parametrize(
     "kind, devices, error",
     [
@@ -400,6 +408,30 @@ def test_cli_rejects_an_indivisible_batch_before_compiling(tmp_path):
                         "1 process(es) (needs a multiple of 8); nearest valid: 56, 64")
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_cpu_devices_flag_trains_data_parallel_over_the_cores_like_one_device(tmp_path):
+    """``--cpu-devices 2`` in a fresh process (no forced device count) makes two CPU
+    devices and trains over both (``--parallel auto`` = mesh), matching one device."""
+    from jaxtrain.loop import train_and_evaluate
+
+    flags = ["--epochs", "2", "--progress", "none", "--compilation-cache", ""]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.digits_mlp", "--workdir", str(tmp_path / "two"),
+         "--cpu-devices", "2", *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (two["num_devices"], two["strategy"]) == (2, "mesh")
+
+    from experiments.digits_mlp import DEFAULTS
+
+    one = train_and_evaluate(DEFAULTS.replace(epochs=2, progress="none", compilation_cache="",
+                                              parallel="none"), str(tmp_path / "one"))
+    assert one["num_devices"] == 1
+    assert two["test_accuracy"] == one["test_accuracy"]
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- placement
