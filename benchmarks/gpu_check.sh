@@ -22,6 +22,7 @@
 #                  on the GPU and on this machine's CPU cores (JAX_PLATFORMS=cpu)
 #     seeds        1 and 32 digits MLPs, each in one program (target: 32 cost well under 2x one)
 #     cpu_throughput  the same MLP and CNN steps on the CPU cores: GPU vs CPU per step
+#     cpu_cores    the CNN data-parallel over one CPU device per core (up to 16)
 #
 # $OUT gets three files: summary.json (device, every figure, each step's status and
 # time), gpu_check.log (all output) and raw.tar.gz (each benchmark's own JSON and log).
@@ -86,6 +87,7 @@ if [[ "$SMOKE" == 1 ]]; then
   PIPE_CASES=mlp:digits
   TTA_PLATFORMS=default
   CPU_CASES=mlp:digits
+  CORE_CASES=mlp:digits
   SEEDS=(--seeds 1,2 --epochs 1)
   LIM_TESTS=120; LIM_A=200; LIM_B=200
 else
@@ -97,6 +99,7 @@ else
   PIPE_CASES=mlp:digits,resnet18:cifar
   TTA_PLATFORMS=default,cpu
   CPU_CASES=mlp:digits,cnn:mnist
+  CORE_CASES=cnn:mnist
   SEEDS=(--seeds 1,32 --epochs 2)
   LIM_TESTS=200; LIM_A=120; LIM_B=180
 fi
@@ -127,6 +130,11 @@ step seeds "$(remaining 90)" "$PY" -m benchmarks.seeds "${SEEDS[@]}" --no-sequen
   --out "$RAW/seeds-accel.json"
 step cpu_throughput "$(remaining 90)" env JAX_PLATFORMS=cpu "$PY" -m benchmarks.throughput "${S[@]}" \
   --out "$RAW" --tag host-cpu --cases "$CPU_CASES" --seconds 1 --repeats 3
+# the CNN data-parallel over the cores (--cpu-devices): the CPU's best against the GPU
+CORES=1; while (( CORES * 2 <= $(nproc) && CORES * 2 <= 16 )); do CORES=$(( CORES * 2 )); done
+step cpu_cores "$(remaining 90)" env JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES=$CORES "$PY" \
+  -m benchmarks.throughput "${S[@]}" --out "$RAW" --tag host-cpu-cores --cases "$CORE_CASES" \
+  --parallel mesh --seconds 1 --repeats 3
 
 # --- summary -----------------------------------------------------------------------------
 GPU_NAME="$GPU_NAME" PEAK_FLOPS="$PEAK_FLOPS" SMOKE="$SMOKE" ELAPSED="$(elapsed)" \
@@ -150,12 +158,12 @@ def mem(r):
 
 
 figures = {}
-for tag in ("accel", "accel-fused", "host-cpu"):
+for tag in ("accel", "accel-fused", "host-cpu", "host-cpu-cores"):
     d = docs.get(f"throughput-{tag}")
     for r in (d or {}).get("results", []):
-        k = r.get("steps_per_call") or 1
+        k, n = r.get("steps_per_call") or 1, r.get("num_devices") or 1
         key = (f"throughput/{d['machine']['platform']}/{r['model']}-{r['data']}-{r['dtype']}"
-               f"-b{r['batch_size']}" + (f"-k{k}" if k > 1 else ""))
+               f"-b{r['batch_size']}" + (f"-k{k}" if k > 1 else "") + (f"-d{n}" if n > 1 else ""))
         figures[key] = {k: r.get(k) for k in ("steps_per_s", "images_per_s", "flops_per_step",
                                               "mfu", "compile_s", "error")} | mem(r)
 d = docs.get("pipeline-accel")
