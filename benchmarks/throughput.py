@@ -69,7 +69,7 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     time of one timed repeat), ``repeats``, optional ``steps`` (fixed count),
     ``peak_flops``, ``steps_per_call``, ``parallel`` (``none``, ``mesh`` or ``pmap``
     over ``devices`` devices, 0 = all: the loop's data-parallel step, e.g. over CPU
-    cores made devices with ``--xla_force_host_platform_device_count``)."""
+    cores made devices with ``JAX_NUM_CPU_DEVICES``, as ``--cpu-devices`` does)."""
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -218,8 +218,9 @@ def use_cpu_devices(n: int) -> None:
     XLA:CPU runs one device's program on about one core (its convolutions are
     single-threaded), so on a CPU-only host a data-parallel step over one device
     per core is the way to use them all (``benchmarks/results``: 1.4-2.5x for the
-    MNIST CNN on 2 cores; tiny MLPs get slower). Must run before JAX starts its backends; after, it raises
-    ``ParallelError`` unless the CPU already has ``n`` devices.
+    MNIST CNN on 2 cores; tiny MLPs get slower). Must run before JAX starts its
+    backends; after, it raises ``ParallelError`` unless the CPU already has ``n``
+    devices.
     """
     if n <= 0:
         return
