@@ -46,6 +46,14 @@ from benchmarks import common, throughput
 
 SUITES = ("mlp", "cnn", "resnet")
 
+def _on_cpu_devices(kind: str, n: int = 2, flags: str = "",
+                    **changes: Any) -> tuple[dict[str, Any], str]:
+    """A CNN variant: the loop's ``kind`` step over ``n`` XLA:CPU devices (as
+    ``--cpu-devices n``), plus extra XLA ``flags`` and case ``changes``."""
+    return ({"parallel": kind, "devices": n, **changes},
+            f"--xla_force_host_platform_device_count={n} {flags}".strip())
+
+
 # jaxtrain CNN variants for the MNIST-shape comparison: name -> (case changes, XLA flags).
 CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "baseline (NHWC f32)": ({}, ""),
@@ -70,26 +78,17 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {}, ("--xla_cpu_use_onednn=true --xla_cpu_multi_thread_eigen=false "
              "--xla_cpu_enable_fast_math=true")),
     # data parallel over the cores: each core an XLA:CPU device, the loop's pmap / mesh step
-    "2 CPU devices, pmap": ({"parallel": "pmap", "devices": 2},
-                            "--xla_force_host_platform_device_count=2"),
-    "2 CPU devices, mesh": ({"parallel": "mesh", "devices": 2},
-                            "--xla_force_host_platform_device_count=2"),
-    "2 CPU devices, pmap + single-thread eigen": (
-        {"parallel": "pmap", "devices": 2},
-        "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false"),
-    "2 CPU devices, mesh + single-thread eigen": (
-        {"parallel": "mesh", "devices": 2},
-        "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false"),
-    "2 CPU devices, pmap + onednn": (
-        {"parallel": "pmap", "devices": 2},
-        "--xla_force_host_platform_device_count=2 --xla_cpu_use_onednn=true"),
-    "2 CPU devices, pmap + fast math": (
-        {"parallel": "pmap", "devices": 2},
-        "--xla_force_host_platform_device_count=2 --xla_cpu_enable_fast_math=true"),
-    "2 CPU devices, pmap, bf16": ({"parallel": "pmap", "devices": 2, "dtype": "bfloat16"},
-                                  "--xla_force_host_platform_device_count=2"),
-    "4 CPU devices, pmap": ({"parallel": "pmap", "devices": 4},
-                            "--xla_force_host_platform_device_count=4"),
+    "2 CPU devices, pmap": _on_cpu_devices("pmap"),
+    "2 CPU devices, mesh": _on_cpu_devices("mesh"),
+    "2 CPU devices, pmap + single-thread eigen": _on_cpu_devices(
+        "pmap", flags="--xla_cpu_multi_thread_eigen=false"),
+    "2 CPU devices, mesh + single-thread eigen": _on_cpu_devices(
+        "mesh", flags="--xla_cpu_multi_thread_eigen=false"),
+    "2 CPU devices, pmap + onednn": _on_cpu_devices("pmap", flags="--xla_cpu_use_onednn=true"),
+    "2 CPU devices, pmap + fast math": _on_cpu_devices(
+        "pmap", flags="--xla_cpu_enable_fast_math=true"),
+    "2 CPU devices, pmap, bf16": _on_cpu_devices("pmap", dtype="bfloat16"),
+    "4 CPU devices, pmap": _on_cpu_devices("pmap", 4),
 }
 # Not listed: --xla_cpu_use_thunk_runtime=false is ignored by jaxlib 0.10 ("no longer
 # supported"); --xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce returned NaN for
