@@ -20,6 +20,9 @@ side by side in one run and reported as ratios jaxtrain / PyTorch):
   loop with its per-epoch validation through the test evaluation; for jaxtrain that
   includes compiling the steps and the checkpoint saves made inside the loop).
   ``wall_s`` keeps its old meaning (jaxtrain end to end, PyTorch ``train_eval_s``).
+  A floor comes with them (``steps_only``): the run's training steps alone, already
+  compiled, one ``lax.scan`` per epoch; PyTorch's ``train_eval_s`` over it bounds
+  the speedup any jaxtrain loop could show.
 - ``cnn``: MNIST-shape CNN (batch 128) training steps/s, jaxtrain variants
   (layout, precision, XLA flags, im2col convolution, elementwise max-pool gradient) against PyTorch eager
   (NCHW and channels_last, each thread count). A PyTorch measurement runs
@@ -509,6 +512,67 @@ def jax_train(case: dict[str, Any]) -> dict[str, Any]:
             "test_accuracy": summary["test_accuracy"], "steps": summary["steps"]}
 
 
+def jax_steps_only(case: dict[str, Any]) -> dict[str, Any]:
+    """The floor under any jaxtrain loop: the whole run's training steps and nothing else.
+
+    Same initial state, batch order and step as ``train_and_evaluate``, one
+    ``lax.scan`` per epoch over device-resident data, already compiled: no
+    evaluation, checkpoint, metrics or compile. ``steps_only_s`` is the best of
+    ``repeats`` passes over every step of the run; no loop around these steps can
+    train in less. Beside it, this CPU's f32 matmul rate (a 1024^3 dot) puts the
+    step's achieved GFLOP/s in context."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxtrain import data as data_lib
+    from jaxtrain import loop, profiling
+
+    config = digits_config(epochs=case["epochs"])
+    dataset = data_lib.load_dataset(config.dataset, val_fraction=config.val_fraction)
+    n = len(dataset.train["label"])
+    per_epoch = data_lib.steps_per_epoch(n, config.batch_size)
+    total = per_epoch * config.epochs
+    host_state = loop.build_model_and_state(config, dataset, total)
+    update = loop.make_update(config, resident=True)
+    epoch = jax.jit(loop.fuse_steps(update, per_epoch, resident=True), donate_argnums=(0,))
+    data = jax.device_put(dataset.train)
+    key = jax.device_put(loop.step_key(config.seed))
+    order = [jax.device_put(np.stack([data_lib.batch_indices(config.seed, s, n, config.batch_size)
+                                      for s in range(e * per_epoch, (e + 1) * per_epoch)]))
+             for e in range(config.epochs)]
+
+    def run_all():
+        state = jax.device_put(host_state)
+        for idx in order:
+            state, metrics = epoch(state, data, idx, key)
+        return jax.block_until_ready((state, metrics))
+
+    _, metrics = run_all()  # compiles
+    times = []
+    for _ in range(int(case.get("repeats", 3))):
+        t0 = time.perf_counter()
+        run_all()
+        times.append(time.perf_counter() - t0)
+    flops = profiling.model_flops(update, host_state, dataset.train,
+                                  order[0][0], loop.step_key(config.seed))
+    a = jnp.ones((1024, 1024), jnp.float32)
+    dot = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(dot(a))
+    t0 = time.perf_counter()
+    for _ in range(10):
+        out = dot(a)
+    jax.block_until_ready(out)
+    matmul_flops_per_s = 10 * 2 * 1024 ** 3 / (time.perf_counter() - t0)
+    best = min(times)
+    return {**case, "steps": total, "steps_only_s": best, "times_s": times,
+            "steps_per_s": total / best, "final_loss": float(metrics["loss"][-1]),
+            "model_flops_per_step": flops,
+            "achieved_flops_per_s": flops * total / best if flops else None,
+            "matmul_1024_flops_per_s": matmul_flops_per_s,
+            "memory": common.peak_memory()}
+
+
 def register_benchmark_models() -> None:
     """Adds ``cnn_im2col`` (``CNN(conv="im2col")``), ``cnn_nchw`` (the CNN with NCHW
     convolutions) and ``cnn_xlapool`` (``CNN(pool="xla")``: ``nn.max_pool``, whose
@@ -564,7 +628,7 @@ def jax_steps(case: dict[str, Any]) -> dict[str, Any]:
 
 
 CHILDREN = {"torch_steps": torch_steps, "torch_train": torch_train,
-            "jax_train": jax_train, "jax_steps": jax_steps}
+            "jax_train": jax_train, "jax_steps": jax_steps, "jax_steps_only": jax_steps_only}
 
 
 def child(case: dict[str, Any]) -> dict[str, Any]:
@@ -590,6 +654,7 @@ def suite_mlp(args, threads) -> dict[str, Any]:
         for start in ("cold", "warm"):
             jax_runs[f"jaxtrain, steps-per-call {k}, {start} cache"] = _run(
                 "jax_train", {"epochs": epochs, "cache": cache, "steps_per_call": k}, args)
+    floor = _run("jax_steps_only", {"epochs": epochs}, args)
     torch_run = _run("torch_train", {"epochs": epochs, "threads": threads}, args)
     rows, out = [], []
     for name, r in [*jax_runs.items(), ("pytorch eager", torch_run)]:
@@ -604,6 +669,17 @@ def suite_mlp(args, threads) -> dict[str, Any]:
         rows.append([name, r.get("end_to_end_s"), end_to_end, r.get("setup_s"),
                      r.get("train_eval_s"), train_eval, r.get("steps_per_s"),
                      r.get("test_accuracy"), "error" if "error" in r else ""])
+    # The bound: PyTorch's train_eval over the steps alone, the most any loop could reach.
+    bound = common.ratio(torch_run.get("train_eval_s"), floor.get("steps_only_s"))
+    rows.append(["jaxtrain steps only (floor)", None, None, None, floor.get("steps_only_s"),
+                 bound, floor.get("steps_per_s"), None, "error" if "error" in floor else ""])
+    flops_s = floor.get("achieved_flops_per_s")
+    matmul_s = floor.get("matmul_1024_flops_per_s")
+    print(f"steps only: {floor.get('steps', '?')} steps in {floor.get('steps_only_s', 0):.3f} s "
+          f"(one lax.scan per epoch, data resident, compiled before timing), "
+          f"{(flops_s or 0) / 1e9:.1f} GFLOP/s against {(matmul_s or 0) / 1e9:.1f} GFLOP/s for "
+          f"a 1024^3 f32 matmul on this CPU: no jaxtrain loop can beat PyTorch's train_eval by "
+          f"more than {bound or float('nan'):.2f}x here")
     common.print_table(
         f"digits MLP, whole training ({epochs} epochs, batch 64): jaxtrain vs PyTorch eager "
         f"(best of threads {threads}). end_to_end: jaxtrain's whole train_and_evaluate, "
@@ -612,7 +688,8 @@ def suite_mlp(args, threads) -> dict[str, Any]:
         "includes its step compiles and checkpoint saves); speedup = PyTorch s / run s",
         ["run", "end_to_end_s", "speedup_e2e", "setup_s", "train_eval_s", "speedup_train_eval",
          "steps/s", "test_acc", ""], rows)
-    return {"epochs": epochs, "runs": out}
+    return {"epochs": epochs, "runs": out,
+            "steps_only": {**floor, "speedup_bound_vs_torch_train_eval": bound}}
 
 
 def suite_cnn(args, threads, platform: str) -> dict[str, Any]:

@@ -334,6 +334,19 @@ def test_torch_cosine_schedule_matches_the_library():
         sched.step()
 
 
+def test_steps_only_floor_runs_the_same_steps_as_the_loop(tmp_path):
+    """The floor times exactly the loop's training steps: its last loss is the one the
+    loop logs for its last step (log_every 1: one step per line)."""
+    floor = torch_peer.jax_steps_only({"epochs": 1, "repeats": 1})
+    config = torch_peer.digits_config(epochs=1, log_every=1, best_metric="")
+    loop.train_and_evaluate(config, str(tmp_path))
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    train = [x for x in lines if x["split"] == "train"]
+    assert len(train) == floor["steps"] == 20  # 1294 training digits, 64 per batch
+    assert floor["final_loss"] == pytest.approx(train[-1]["loss"], rel=1e-5)
+    assert floor["steps_only_s"] > 0 and floor["model_flops_per_step"] == pytest.approx(3.2e7, rel=0.05)
+
+
 @needs_torch
 def test_torch_steps_smoke():
     r = torch_peer.torch_steps({"model": "cnn", "data": "mnist", "batch_size": 8, "steps": 2,
@@ -384,6 +397,8 @@ def test_torch_peer_main(tmp_path):
     jax_run = runs["jaxtrain, cold compile cache"]
     assert jax_run["end_to_end_s"] == jax_run["wall_s"] == pytest.approx(
         jax_run["setup_s"] + jax_run["train_eval_s"] + jax_run["finish_s"])
+    floor = doc["mlp"]["steps_only"]
+    assert floor["steps_only_s"] < jax_run["train_eval_s"] and floor["speedup_bound_vs_torch_train_eval"] > 0
     assert doc["resnet"]["ratio_images_per_s"] > 0
 
 
