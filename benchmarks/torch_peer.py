@@ -24,7 +24,8 @@ side by side in one run and reported as ratios jaxtrain / PyTorch):
   compiled, one ``lax.scan`` per epoch; PyTorch's ``train_eval_s`` over it bounds
   the speedup any jaxtrain loop could show.
 - ``cnn``: MNIST-shape CNN (batch 128) training steps/s, jaxtrain variants
-  (layout, precision, XLA flags, im2col convolution, elementwise max-pool gradient) against PyTorch eager
+  (layout, precision, XLA flags, im2col convolution, matmul weight gradients, elementwise
+  max-pool gradient) against PyTorch eager
   (NCHW and channels_last, each thread count). A PyTorch measurement runs
   before and after each jaxtrain variant; its ratio uses their mean.
 - ``resnet``: ResNet-18 on CIFAR-shape data, images/s and MFU; PyTorch with
@@ -92,6 +93,15 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         "pmap", flags="--xla_cpu_enable_fast_math=true"),
     "2 CPU devices, pmap, bf16": _on_cpu_devices("pmap", dtype="bfloat16"),
     "4 CPU devices, pmap": _on_cpu_devices("pmap", 4),
+    # the convolutions' weight gradients as matmuls (jaxtrain.conv): the CNN's conv "auto"
+    # takes them on one CPU device (so the baseline has them), XLA's over several
+    "XLA conv weight grad": ({"model": "cnn_xlaconv"}, ""),
+    "2 CPU devices, pmap + matmul weight grad": _on_cpu_devices("pmap", model="cnn_mmgrad"),
+    "2 CPU devices, mesh + matmul weight grad": _on_cpu_devices("mesh", model="cnn_mmgrad"),
+    "2 CPU devices, pmap + matmul weight grad + single-thread eigen": _on_cpu_devices(
+        "pmap", flags="--xla_cpu_multi_thread_eigen=false", model="cnn_mmgrad"),
+    "2 CPU devices, mesh + matmul weight grad + single-thread eigen": _on_cpu_devices(
+        "mesh", flags="--xla_cpu_multi_thread_eigen=false", model="cnn_mmgrad"),
 }
 # Not listed: --xla_cpu_use_thunk_runtime=false is ignored by jaxlib 0.10 ("no longer
 # supported"); --xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce returned NaN for
@@ -575,8 +585,10 @@ def jax_steps_only(case: dict[str, Any]) -> dict[str, Any]:
 
 def register_benchmark_models() -> None:
     """Adds ``cnn_im2col`` (``CNN(conv="im2col")``), ``cnn_nchw`` (the CNN with NCHW
-    convolutions) and ``cnn_xlapool`` (``CNN(pool="xla")``: ``nn.max_pool``, whose
-    gradient is ``select_and_scatter``) to the model registry of this (child) process."""
+    convolutions), ``cnn_xlapool`` (``CNN(pool="xla")``: ``nn.max_pool``, whose
+    gradient is ``select_and_scatter``), ``cnn_xlaconv`` and ``cnn_mmgrad`` (``conv``
+    ``"xla"`` and ``"matmul_grad"`` whatever the device count) to the model registry
+    of this (child) process."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -588,6 +600,8 @@ def register_benchmark_models() -> None:
         return
     models.MODELS["cnn_im2col"] = functools.partial(models.CNN, conv="im2col")
     models.MODELS["cnn_xlapool"] = functools.partial(models.CNN, pool="xla")
+    models.MODELS["cnn_xlaconv"] = functools.partial(models.CNN, conv="xla")
+    models.MODELS["cnn_mmgrad"] = functools.partial(models.CNN, conv="matmul_grad")
 
     class ConvNCHW(nn.Module):
         features: int

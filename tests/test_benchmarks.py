@@ -260,7 +260,7 @@ def test_bfloat16_computes_in_bf16_with_float32_state(model):
 
 def test_im2col_cnn_is_the_same_function_with_the_same_params():
     x = jax.random.uniform(jax.random.key(0), (4, 12, 12, 3))
-    xla = create_model("cnn", 10)
+    xla = create_model("cnn", 10).clone(conv="xla")
     im2col = xla.clone(conv="im2col")
     variables = jax.jit(xla.init)(jax.random.key(1), x)
     assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
