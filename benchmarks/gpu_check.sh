@@ -23,6 +23,8 @@
 #     seeds        1 and 32 digits MLPs, each in one program (target: 32 cost well under 2x one)
 #     cpu_throughput  the same MLP and CNN steps on the CPU cores: GPU vs CPU per step
 #     cpu_cores    the CNN data-parallel over one CPU device per core (up to 16)
+#     profile      ResNet-18 bf16 through the training loop with --profile-steps: the
+#                  trace's top ops and the GPU's busy fraction (jaxtrain.trace_summary)
 #
 # $OUT gets three files: summary.json (device, every figure, each step's status and
 # time), gpu_check.log (all output) and raw.tar.gz (each benchmark's own JSON and log).
@@ -89,6 +91,7 @@ if [[ "$SMOKE" == 1 ]]; then
   CPU_CASES=mlp:digits
   CORE_CASES=mlp:digits
   SEEDS=(--seeds 1,2 --epochs 1)
+  PROFILE=(-m experiments.digits_mlp --epochs 1 --profile-steps 2:4)
   LIM_TESTS=120; LIM_A=200; LIM_B=200
 else
   S=()
@@ -101,6 +104,10 @@ else
   CPU_CASES=mlp:digits,cnn:mnist
   CORE_CASES=cnn:mnist
   SEEDS=(--seeds 1,32 --epochs 2)
+  # 12 steps of batch 256 on synthetic CIFAR-shape data; steps 4-8 traced (the 1st compiles)
+  PROFILE=(-m experiments.cifar10_resnet --dataset synthetic --synthetic-shape 32,32,3
+           --synthetic-size 3584 --dtype bfloat16 --batch-size 256 --eval-batch-size 512
+           --epochs 1 --warmup-steps 0 --profile-steps 4:9)
   LIM_TESTS=200; LIM_A=120; LIM_B=180
 fi
 
@@ -135,6 +142,9 @@ CORES=1; while (( CORES * 2 <= $(nproc) && CORES * 2 <= 16 )); do CORES=$(( CORE
 step cpu_cores "$(remaining 90)" env JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES=$CORES "$PY" \
   -m benchmarks.throughput "${S[@]}" --out "$RAW" --tag host-cpu-cores --cases "$CORE_CASES" \
   --parallel mesh --seconds 1 --repeats 3
+step profile "$(remaining 75)" "$PY" "${PROFILE[@]}" --workdir "$RAW/profile_run" \
+  --progress none --compilation-cache ''
+cp "$RAW/profile_run/profile/summary.json" "$RAW/profile-accel.json" 2>/dev/null
 
 # --- summary -----------------------------------------------------------------------------
 GPU_NAME="$GPU_NAME" PEAK_FLOPS="$PEAK_FLOPS" SMOKE="$SMOKE" ELAPSED="$(elapsed)" \
@@ -194,7 +204,14 @@ for r in (d or {}).get("rows", []):
         "seconds": r["multi"]["seconds"], "over_one_seed": r.get("multi_over_one_seed"),
         "peak_memory_MiB": mib(r["multi"]["peak_memory_bytes"]),
         "mean_test_accuracy": r["multi"]["mean_test_accuracy"]}
-machine = next((v["machine"] for k, v in sorted(docs.items()) if k.endswith("accel")), {})
+d = docs.get("profile-accel")
+if d:
+    figures["profile/train_step"] = {
+        **{k: d.get(k) for k in ("program", "calls", "steps", "busy_fraction",
+                                 "busy_ms_per_step", "span_ms_per_step", "distinct_ops")},
+        "top_ops": [f"{o['name'][:60]}: {o['ms_per_step']:.3g} ms" for o in d["ops"][:5]]}
+machine = next((v["machine"] for k, v in sorted(docs.items())
+                if k.endswith("accel") and "machine" in v), {})
 summary = {
     "benchmark": "gpu_check",
     "device": os.environ["GPU_NAME"] or machine.get("device", "unknown"),

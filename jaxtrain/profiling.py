@@ -4,7 +4,8 @@
   the training steps ``A <= step < B`` (step = ``state.step`` before the update),
   each step annotated, written under ``logdir/plugins/profile/<time>/`` (open
   with ``tensorboard --logdir WORKDIR/profile`` or load ``*.trace.json.gz`` in
-  https://ui.perfetto.dev).
+  https://ui.perfetto.dev), and a summary of it (top ops, device busy time:
+  ``trace_summary``) printed and written to ``logdir/summary.json``.
 - ``param_count``, ``compiled_stats`` and ``format_dry_run``: parameter count,
   XLA's cost analysis (FLOPs) and memory analysis of a compiled step.
 """
@@ -80,9 +81,33 @@ class StepProfiler:
         return out
 
     def close(self) -> None:
+        """Stops the trace, then prints where the traced steps' time went and writes it
+        to ``logdir/summary.json`` (``trace_summary``: top ops, device busy time)."""
         if self.active:
             self.active = False
             jax.profiler.stop_trace()
+            self.summarize()
+
+    def summarize(self) -> dict[str, Any] | None:
+        """The trace's summary (``None`` if it could not be read: a warning, never an error)."""
+        import json
+        import os
+        import sys
+
+        from jaxtrain.trace_summary import format_trace_summary, summarize_trace
+
+        if not self.traced_steps:
+            return None
+        try:
+            summary = summarize_trace(self.logdir, len(self.traced_steps))
+        except Exception as e:  # noqa: BLE001  (a profile summary must never stop training)
+            print(f"warning: could not summarize the profile in {self.logdir}: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return None
+        with open(os.path.join(self.logdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(format_trace_summary(summary), flush=True)
+        return summary
 
 
 # ----------------------------------------------------------------------------- dry run

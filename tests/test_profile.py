@@ -96,6 +96,15 @@ def test_training_run_with_profile_steps(tmp_path, steps_per_call, annotated):
                                               steps_per_call=steps_per_call), workdir)
     assert summary["steps"] == 20
     assert _traced_steps(os.path.join(workdir, "profile")) == annotated
+    # where the traced steps' time went: the MLP's dots are among its top ops
+    with open(os.path.join(workdir, "profile", "summary.json")) as f:
+        prof = json.load(f)
+    assert prof["steps"] == (2 if steps_per_call == 1 else 8) and prof["devices"] >= 1
+    assert prof["calls"] >= 2  # the traced calls, plus any dispatched before the trace
+    assert ("update" if steps_per_call == 1 else "fused") in prof["program"]
+    assert 0 < prof["busy_ms_per_step"] <= prof["span_ms_per_step"]
+    assert 0 < prof["busy_fraction"] <= 1 and prof["ops"][0]["ms_per_step"] > 0
+    assert any("dot" in op["name"] or "fusion" in op["name"] for op in prof["ops"])
     tb = read_tensorboard(os.path.join(workdir, "tensorboard"))
     assert {(s.step, s.tag) for s in tb} >= {(20, "train/loss"), (20, "val/accuracy"),
                                            (20, "test/accuracy")}
@@ -185,3 +194,18 @@ def test_model_flops_counts_dots_and_convolutions_by_hand():
 
     # 2 * output positions (2*4*4) * output channels (5) * kernel volume (3*3*3)
     assert model_flops(conv, img, kernel) == 2 * (2 * 4 * 4) * 5 * (3 * 3 * 3)
+
+
+def test_trace_summary_busy_time_is_the_union_of_op_intervals():
+    from jaxtrain.trace_summary import _busy_ns
+
+    assert _busy_ns([]) == 0
+    assert _busy_ns([(0, 10), (5, 15), (20, 30)]) == 25  # overlap counted once, gap not
+    assert _busy_ns([(20, 30), (0, 40)]) == 40  # nested
+
+
+def test_profile_summary_failure_is_a_warning(tmp_path, capsys):
+    prof = StepProfiler(str(tmp_path / "empty"), "0:1")
+    prof.traced_steps = [0]  # as if a trace had been taken, but nothing was written
+    assert prof.summarize() is None
+    assert "warning: could not summarize the profile" in capsys.readouterr().err
