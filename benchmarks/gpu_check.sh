@@ -208,8 +208,8 @@ d = docs.get("profile-accel")
 if d:
     figures["profile/train_step"] = {
         **{k: d.get(k) for k in ("program", "calls", "steps", "busy_fraction",
-                                 "busy_ms_per_step", "span_ms_per_step", "distinct_ops")},
-        "top_ops": [f"{o['name'][:60]}: {o['ms_per_step']:.3g} ms" for o in d["ops"][:5]]}
+                                 "busy_ms_per_call", "span_ms_per_call", "distinct_ops")},
+        "top_ops": [f"{o['name'][:60]}: {o['ms_per_call']:.3g} ms" for o in d["ops"][:5]]}
 machine = next((v["machine"] for k, v in sorted(docs.items())
                 if k.endswith("accel") and "machine" in v), {})
 summary = {

@@ -4,11 +4,11 @@
 ``jax.profiler`` wrote under ``logdir`` (with ``jax.profiler.ProfileData``; no
 TensorBoard needed) and returns, per call of the busiest program (the step):
 
-- ``ops``: the ops that took the most time (``program/op`` name, ms and calls
-  per step, share of the op time), summed over devices (nested events, such as a
+- ``ops``: the ops that took the most time (``program/op`` name, ms and times run
+  per call, share of the op time), summed over devices (nested events, such as a
   collective's rendezvous, count on their own too);
-- ``busy_ms_per_step``: time at least one op was running, per device (the union
-  of op intervals), and ``span_ms_per_step``: first op start to last op end;
+- ``busy_ms_per_call``: time at least one op was running, per device (the union
+  of op intervals), and ``span_ms_per_call``: first op start to last op end;
   their ratio ``busy_fraction`` well below 1 means the device waited (on the
   host, on launches, on other devices).
 
@@ -127,12 +127,12 @@ def summarize_trace(logdir: str, steps: int, top: int = 15) -> dict[str, Any]:
         "program": program,
         "calls": calls,
         "devices": len(busy),
-        "op_ms_per_step": total * ms / max(len(busy), 1),
-        "busy_ms_per_step": busy_ms,
-        "span_ms_per_step": span_ms,
+        "op_ms_per_call": total * ms / max(len(busy), 1),
+        "busy_ms_per_call": busy_ms,
+        "span_ms_per_call": span_ms,
         "busy_fraction": busy_ms / span_ms if span_ms else None,
         "distinct_ops": len(per_op),
-        "ops": [{"name": name, "ms_per_step": ns * ms, "calls_per_step": n / calls,
+        "ops": [{"name": name, "ms_per_call": ns * ms, "times_per_call": n / calls,
                  "share": ns / total} for name, (ns, n) in ranked[:top]],
     }
 
@@ -142,10 +142,10 @@ def format_trace_summary(summary: dict[str, Any], top: int = 10) -> str:
     frac = summary["busy_fraction"]
     lines = [f"profile: {summary['calls']} calls of {summary['program']} "
              f"({summary['steps']} steps traced), {summary['devices']} device(s): busy "
-             f"{summary['busy_ms_per_step']:.2f} ms of a {summary['span_ms_per_step']:.2f} ms "
+             f"{summary['busy_ms_per_call']:.2f} ms of a {summary['span_ms_per_call']:.2f} ms "
              f"span per call ({'-' if frac is None else f'{frac:.0%}'}), "
              f"{summary['distinct_ops']} distinct ops; top ops (ms per call, all devices):"]
     for op in summary["ops"][:top]:
-        lines.append(f"  {op['ms_per_step']:9.3f}  {op['share']:6.1%}  x{op['calls_per_step']:<5.3g} "
-                     f"{op['name'][:90]}")
+        lines.append(f"  {op['ms_per_call']:9.3f}  {op['share']:6.1%}  "
+                     f"x{op['times_per_call']:<5.3g} {op['name'][:90]}")
     return "\n".join(lines)

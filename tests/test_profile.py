@@ -102,8 +102,8 @@ def test_training_run_with_profile_steps(tmp_path, steps_per_call, annotated):
     assert prof["steps"] == (2 if steps_per_call == 1 else 8) and prof["devices"] >= 1
     assert prof["calls"] >= 2  # the traced calls, plus any dispatched before the trace
     assert ("update" if steps_per_call == 1 else "fused") in prof["program"]
-    assert 0 < prof["busy_ms_per_step"] <= prof["span_ms_per_step"]
-    assert 0 < prof["busy_fraction"] <= 1 and prof["ops"][0]["ms_per_step"] > 0
+    assert 0 < prof["busy_ms_per_call"] <= prof["span_ms_per_call"]
+    assert 0 < prof["busy_fraction"] <= 1 and prof["ops"][0]["ms_per_call"] > 0
     assert any("dot" in op["name"] or "fusion" in op["name"] for op in prof["ops"])
     tb = read_tensorboard(os.path.join(workdir, "tensorboard"))
     assert {(s.step, s.tag) for s in tb} >= {(20, "train/loss"), (20, "val/accuracy"),
