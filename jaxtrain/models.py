@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.conv import MatmulGradConv
+from jaxtrain.conv import MatmulGradConv, nn_conv_params
 from jaxtrain.pooling import max_pool_2x2
 
 Dtype = Any
@@ -75,10 +75,7 @@ class Im2ColConv(nn.Module):
 
     @nn.compact
     def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
-        c = x_BHWC.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (*self.kernel_size, c, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        kernel, bias = nn_conv_params(self, x_BHWC.shape[-1])
         # patches_BHW(C*kh*kw): feature order is (C, kh, kw)
         patches = jax.lax.conv_general_dilated_patches(
             x_BHWC.astype(self.dtype), self.kernel_size, (1, 1), "SAME",
