@@ -58,6 +58,9 @@ def _on_cpu_devices(kind: str, n: int = 2, flags: str = "",
             f"--xla_force_host_platform_device_count={n} {flags}".strip())
 
 
+YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+CONV_ENV = "JAXTRAIN_XLA_CPU_CONV"  # jaxtrain.compile_options.ENV (not imported: jax-free parent)
+
 # jaxtrain CNN variants for the MNIST-shape comparison: name -> (case changes, XLA flags).
 CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "baseline (NHWC f32)": ({}, ""),
@@ -93,15 +96,23 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         "pmap", flags="--xla_cpu_enable_fast_math=true"),
     "2 CPU devices, pmap, bf16": _on_cpu_devices("pmap", dtype="bfloat16"),
     "4 CPU devices, pmap": _on_cpu_devices("pmap", 4),
-    # the convolutions' weight gradients as matmuls (jaxtrain.conv): the CNN's conv "auto"
-    # takes them on one CPU device (so the baseline has them), XLA's over several
-    "XLA conv weight grad": ({"model": "cnn_xlaconv"}, ""),
+    # XLA:CPU's default convolutions (YNNPACK), which jaxtrain's jit programs leave for
+    # Eigen's (jaxtrain.compile_options; pmap keeps them): the CNN's conv "auto" takes
+    # the matmul weight gradients (jaxtrain.conv) on one CPU device there
+    "YNNPACK convolutions + matmul weight grad": ({"env": {CONV_ENV: "xla"}}, ""),
+    "YNNPACK convolutions": ({"model": "cnn_xlaconv", "env": {CONV_ENV: "xla"}}, ""),
+    "matmul weight grad": ({"model": "cnn_mmgrad"}, ""),
+    "2 CPU devices, mesh, YNNPACK convolutions": _on_cpu_devices(
+        "mesh", env={CONV_ENV: "xla"}),
     "2 CPU devices, pmap + matmul weight grad": _on_cpu_devices("pmap", model="cnn_mmgrad"),
     "2 CPU devices, mesh + matmul weight grad": _on_cpu_devices("mesh", model="cnn_mmgrad"),
     "2 CPU devices, pmap + matmul weight grad + single-thread eigen": _on_cpu_devices(
         "pmap", flags="--xla_cpu_multi_thread_eigen=false", model="cnn_mmgrad"),
     "2 CPU devices, mesh + matmul weight grad + single-thread eigen": _on_cpu_devices(
         "mesh", flags="--xla_cpu_multi_thread_eigen=false", model="cnn_mmgrad"),
+    # YNNPACK off altogether (dots and reductions too), the only way pmap gets Eigen's convs
+    "YNNPACK off": ({"model": "cnn_xlaconv"}, YNN_OFF),
+    "2 CPU devices, pmap + YNNPACK off": _on_cpu_devices("pmap", flags=YNN_OFF),
 }
 # Not listed: --xla_cpu_use_thunk_runtime=false is ignored by jaxlib 0.10 ("no longer
 # supported"); --xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce returned NaN for
@@ -736,9 +747,12 @@ def suite_cnn(args, threads, platform: str) -> dict[str, Any]:
 
     jax_results = {}
     for name, (changes, flags) in variants.items():
-        env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
-        jax_results[name] = _run("jax_steps", {**base, **changes, "xla_flags": flags}, args,
-                                 env=env)
+        changes = dict(changes)
+        env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
+               **changes.pop("env", {})}
+        shown = " ".join([*(f"{k}={v}" for k, v in env.items() if k != "XLA_FLAGS"), flags])
+        jax_results[name] = _run("jax_steps", {**base, **changes, "xla_flags": shown.strip()},
+                                 args, env=env)
         rounds.append(torch_round_best())
     # PyTorch reference for variant i: the best torch setting, mean of rounds i and i + 1.
     def torch_best(rnd):

@@ -6,8 +6,11 @@ MNIST-shape CNN step. Measured alone on one CPU device (2 cores), batch 128:
 22 ms for the 28x28x1 -> 32 conv and 87 ms for 14x14x32 -> 64, against 4.7 ms
 and 31 ms as the matmuls below (batch 64: 10.3 / 17.2 ms against 2.4 / 10.7 ms);
 the forward and input-gradient convolutions take 1-18 ms. The whole step got
-1.28-1.5x faster. Over 2 CPU devices (``--cpu-devices 2``) the step was slower
-with these matmuls (~0.8x), so ``models.CNN`` takes them on one CPU device only.
+1.28-1.5x faster. Those are YNNPACK's convolutions, XLA:CPU's default; jaxtrain
+compiles its own programs with Eigen's (``compile_options``), whose weight
+gradient beat these matmuls (the step 1.3x faster), so ``models.CNN`` takes them
+only on one CPU device without those options. Over 2 CPU devices
+(``--cpu-devices 2``) the step was slower with these matmuls (~0.8x).
 
 ``conv_same(x, kernel)`` is ``lax.conv_general_dilated`` (NHWC / HWIO, stride 1,
 'SAME'), so forward values are XLA's convolution exactly, with a

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtrain.compile_options import compiler_options
 from jaxtrain.conv import MatmulGradConv, nn_conv_params
 from jaxtrain.pooling import max_pool_2x2
 
@@ -92,10 +93,12 @@ class CNN(nn.Module):
     ``conv`` picks how the convolutions lower, all with ``nn.Conv``'s parameters:
     ``"xla"``, XLA's convolution; ``"matmul_grad"``, XLA's convolution with its
     weight gradient as matmuls (``jaxtrain.conv``); ``"im2col"``, patches + one
-    matmul (``Im2ColConv``); ``"auto"`` (default), ``"matmul_grad"`` when the process
-    has a single CPU device, where it made the MNIST-shape step 1.28-1.5x faster
-    (batch 128, 2 cores), else ``"xla"`` (it was ~0.8x over 2 CPU devices, and GPUs
-    have cuDNN's weight gradients). ``pool="elementwise"``
+    matmul (``Im2ColConv``); ``"auto"`` (default), ``"xla"`` except on a single CPU
+    device whose programs compile without ``compile_options.compiler_options`` (XLA's
+    YNNPACK convolutions), where ``"matmul_grad"`` made the MNIST-shape step 1.28-1.5x
+    faster (batch 128, 2 cores); with those options (jaxtrain's own programs) XLA's
+    Eigen weight gradient was faster still (1.3x over ``"matmul_grad"``), and over
+    several devices or on GPUs XLA's is faster too. ``pool="elementwise"``
     (default) is ``pooling.max_pool_2x2``, ``nn.max_pool`` with an elementwise
     gradient (same values and gradients; on XLA:CPU its backward took ~10 ms where
     ``select_and_scatter``'s took ~100 ms, of a ~230 ms step); ``"xla"`` is
@@ -118,7 +121,7 @@ class CNN(nn.Module):
         kind = self.conv
         if kind == "auto":
             one_cpu = jax.default_backend() == "cpu" and jax.local_device_count() == 1
-            kind = "matmul_grad" if one_cpu else "xla"
+            kind = "matmul_grad" if one_cpu and compiler_options("cpu") is None else "xla"
         if kind not in convs or self.pool not in ("elementwise", "xla"):
             raise ValueError(f"CNN: unknown conv {self.conv!r} or pool {self.pool!r}; conv is "
                              f"one of {['auto', *convs]}, pool 'elementwise' or 'xla'")

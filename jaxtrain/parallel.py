@@ -35,6 +35,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxtrain.compile_options import compiler_options
+
 AXIS = "data"
 STRATEGIES = ("auto", "none", "pmap", "mesh")
 PyTree = Any
@@ -160,9 +162,12 @@ class Strategy:
 
         On CPU with several devices in this process the result blocks every
         ``CPU_MAX_IN_FLIGHT`` calls (see ``Throttled``); elsewhere it is the plain
-        ``jax.jit`` / ``jax.pmap`` function.
+        ``jax.jit`` / ``jax.pmap`` function. ``jit`` compiles with
+        ``compile_options.compiler_options`` (CPU convolutions on Eigen); ``pmap``
+        takes no compiler options, so it keeps XLA's defaults.
         """
         donate = tuple(donate_argnums)
+        options = compiler_options(self.devices[0].platform)
         if self.kind == "pmap":
             compiled = jax.pmap(
                 functools.partial(fn, axis_name=AXIS),
@@ -175,9 +180,11 @@ class Strategy:
                 functools.partial(fn, axis_name=None),
                 out_shardings=NamedSharding(self.mesh, P()),
                 donate_argnums=donate,
+                compiler_options=options,
             )
         else:
-            return jax.jit(functools.partial(fn, axis_name=None), donate_argnums=donate)
+            return jax.jit(functools.partial(fn, axis_name=None), donate_argnums=donate,
+                           compiler_options=options)
         if self.devices[0].platform == "cpu" and len(self.local_devices) > 1:
             return Throttled(compiled, CPU_MAX_IN_FLIGHT)
         return compiled

@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxtrain.compile_options import compiler_options
 from jaxtrain.parallel import AXIS, ParallelError, Strategy
 
 PyTree = Any
@@ -167,11 +168,14 @@ class SeedPlacement:
         )
 
     def compile(self, fn: Callable[..., Any], *, donate_argnums: Sequence[int] = ()) -> Callable:
-        """jit with every output keeping the seed placement."""
+        """jit with every output keeping the seed placement (and jaxtrain's compiler
+        options: ``compile_options``)."""
+        options = compiler_options(self.strategy.devices[0].platform)
         if self.strategy.kind == "none":
-            return jax.jit(fn, donate_argnums=tuple(donate_argnums))
+            return jax.jit(fn, donate_argnums=tuple(donate_argnums), compiler_options=options)
         spec = P(AXIS) if self.seed_parallel else P()
-        return jax.jit(fn, out_shardings=self._sharding(spec), donate_argnums=tuple(donate_argnums))
+        return jax.jit(fn, out_shardings=self._sharding(spec), donate_argnums=tuple(donate_argnums),
+                       compiler_options=options)
 
 
 def auto_seed_chunk(num_seeds: int, bytes_per_seed: int, budget_bytes: int) -> int:

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtrain import conv, models
+from jaxtrain import compile_options, conv, models
+from jaxtrain.compile_options import compiler_options
 from jaxtrain.state import create_train_state
 from jaxtrain.steps import train_step
 
@@ -89,7 +90,11 @@ def test_cnn_conv_auto_takes_matmul_grad_on_one_cpu_device_and_checks_names(monk
     assert not _uses_custom_vjp(cnn, x)  # several CPU devices: XLA's convolution
     assert _uses_custom_vjp(cnn.clone(conv="matmul_grad"), x)
     monkeypatch.setattr(jax, "local_device_count", lambda: 1)
-    assert _uses_custom_vjp(cnn, x)  # one CPU device: its weight gradient as matmuls
+    # one CPU device: XLA's convolution when jaxtrain's programs take Eigen's
+    # (compile_options), its weight gradient as matmuls when they keep YNNPACK's
+    assert _uses_custom_vjp(cnn, x) == (compiler_options("cpu") is None)
+    monkeypatch.setenv(compile_options.ENV, "xla")
+    assert _uses_custom_vjp(cnn, x)
     with pytest.raises(ValueError, match="unknown conv 'fast'"):
         models.CNN(10, conv="fast").init(jax.random.key(0), x)
 
