@@ -102,6 +102,9 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "YNNPACK convolutions + matmul weight grad": ({"env": {CONV_ENV: "xla"}}, ""),
     "YNNPACK convolutions": ({"model": "cnn_xlaconv", "env": {CONV_ENV: "xla"}}, ""),
     "matmul weight grad": ({"model": "cnn_mmgrad"}, ""),
+    # every layer XLA's convolution (the baseline's first layer is a tap sum, conv_same)
+    "XLA convolutions": ({"model": "cnn_xlaconv"}, ""),
+    "2 CPU devices, mesh, XLA convolutions": _on_cpu_devices("mesh", model="cnn_xlaconv"),
     "2 CPU devices, mesh, YNNPACK convolutions": _on_cpu_devices(
         "mesh", env={CONV_ENV: "xla"}),
     "2 CPU devices, pmap + matmul weight grad": _on_cpu_devices("pmap", model="cnn_mmgrad"),

@@ -5,6 +5,7 @@ pmapped, sharded over a mesh or vmapped over seeds, Orbax checkpoints and a
 robustness suite. Heavy optional packages (TFDS, matplotlib) load lazily.
 """
 
+from jaxtrain.compile_options import compiler_options
 from jaxtrain.config import ConfigError, TrainConfig
 from jaxtrain.data import DataError, Dataset, load_dataset
 from jaxtrain.models import MODELS, create_model
@@ -27,6 +28,7 @@ __all__ = [
     "Strategy",
     "TrainConfig",
     "TrainState",
+    "compiler_options",
     "create_model",
     "create_optimizer",
     "create_schedule",

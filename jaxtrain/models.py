@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxtrain.compile_options import compiler_options
-from jaxtrain.conv import MatmulGradConv, nn_conv_params
-from jaxtrain.pooling import max_pool_2x2
+from jaxtrain.conv import MatmulGradConv, is_narrow, nn_conv_params
+from jaxtrain.pooling import relu_max_pool_2x2
 
 Dtype = Any
 
@@ -87,21 +87,38 @@ class Im2ColConv(nn.Module):
         return y + bias.astype(self.dtype).reshape((1, 1, 1, -1))
 
 
+def _auto_conv(narrow: bool) -> str:
+    """``CNN(conv="auto")``'s lowering of one convolution (see ``CNN``)."""
+    if jax.default_backend() != "cpu":
+        return "xla"
+    if narrow:
+        return "taps"
+    one_device = jax.local_device_count() == 1
+    return "matmul_grad" if one_device and compiler_options("cpu") is None else "xla"
+
+
 class CNN(nn.Module):
     """Small LeNet-style CNN: two conv(3x3)+ReLU+maxpool blocks, dense, head.
 
-    ``conv`` picks how the convolutions lower, all with ``nn.Conv``'s parameters:
-    ``"xla"``, XLA's convolution; ``"matmul_grad"``, XLA's convolution with its
-    weight gradient as matmuls (``jaxtrain.conv``); ``"im2col"``, patches + one
-    matmul (``Im2ColConv``); ``"auto"`` (default), ``"xla"`` except on a single CPU
-    device whose programs compile without ``compile_options.compiler_options`` (XLA's
-    YNNPACK convolutions), where ``"matmul_grad"`` made the MNIST-shape step 1.28-1.5x
-    faster (batch 128, 2 cores); with those options (jaxtrain's own programs) XLA's
-    Eigen weight gradient was faster still (1.3x over ``"matmul_grad"``), and over
-    several devices or on GPUs XLA's is faster too. ``pool="elementwise"``
-    (default) is ``pooling.max_pool_2x2``, ``nn.max_pool`` with an elementwise
-    gradient (same values and gradients; on XLA:CPU its backward took ~10 ms where
-    ``select_and_scatter``'s took ~100 ms, of a ~230 ms step); ``"xla"`` is
+    ``conv`` picks how the convolutions lower, all with ``nn.Conv``'s parameters
+    (checkpoints do not care which; measurements: ``jaxtrain.conv``):
+
+    - ``"xla"``: XLA's convolution;
+    - ``"matmul_grad"``: XLA's, with its weight gradient as matmuls
+      (``conv.conv_same``);
+    - ``"taps"``: layers with a narrow input (``kh * kw * C <= 32``: the first)
+      as ``conv_same(taps=True)``, broadcast multiply-adds with the matmul weight
+      gradient; the others XLA's;
+    - ``"im2col"``: patches + one matmul (``Im2ColConv``);
+    - ``"auto"`` (default): on GPUs ``"xla"``; on CPU the narrow first layer as
+      ``"taps"``, the others ``"xla"``, or ``"matmul_grad"`` on a single CPU device
+      whose programs keep XLA's YNNPACK convolutions (no
+      ``compile_options.compiler_options``), where that was 1.28-1.5x faster.
+
+    ``pool="elementwise"`` (default) is ``pooling.relu_max_pool_2x2``: ReLU and
+    ``nn.max_pool`` in one, the same values and gradients, with an elementwise
+    backward that keeps one byte per output (``select_and_scatter``'s backward took
+    ~100 ms of a ~230 ms step on XLA:CPU); ``"xla"`` is ``nn.relu`` then
     ``nn.max_pool``."""
 
     num_classes: int
@@ -117,20 +134,25 @@ class CNN(nn.Module):
 
     @nn.compact
     def __call__(self, x_BHWC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        convs = {"xla": nn.Conv, "matmul_grad": MatmulGradConv, "im2col": Im2ColConv}
-        kind = self.conv
-        if kind == "auto":
-            one_cpu = jax.default_backend() == "cpu" and jax.local_device_count() == 1
-            kind = "matmul_grad" if one_cpu and compiler_options("cpu") is None else "xla"
-        if kind not in convs or self.pool not in ("elementwise", "xla"):
+        convs = {"xla": nn.Conv, "matmul_grad": MatmulGradConv, "im2col": Im2ColConv,
+                 "taps": functools.partial(MatmulGradConv, taps=True)}
+        if self.conv not in ("auto", *convs) or self.pool not in ("elementwise", "xla"):
             raise ValueError(f"CNN: unknown conv {self.conv!r} or pool {self.pool!r}; conv is "
                              f"one of {['auto', *convs]}, pool 'elementwise' or 'xla'")
         x = Standardize(self.mean, self.std)(x_BHWC).astype(self.dtype)
         for i, f in enumerate(self.features):
-            x = nn.relu(convs[kind](f, (3, 3), dtype=self.dtype, name=f"Conv_{i}")(x))
-            if min(x.shape[1:3]) >= 2:
-                x = (nn.max_pool(x, (2, 2), strides=(2, 2)) if self.pool == "xla"
-                     else max_pool_2x2(x))
+            kind = self.conv
+            if kind == "auto":
+                kind = _auto_conv(is_narrow((3, 3), x.shape[-1]))
+            elif kind == "taps" and not is_narrow((3, 3), x.shape[-1]):
+                kind = "xla"  # taps only where the input is narrow (the first layer)
+            x = convs[kind](f, (3, 3), dtype=self.dtype, name=f"Conv_{i}")(x)
+            if min(x.shape[1:3]) < 2:
+                x = nn.relu(x)
+            elif self.pool == "xla":
+                x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            else:
+                x = relu_max_pool_2x2(x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x))
         if self.dropout:

@@ -39,6 +39,38 @@ def test_max_pool_2x2_matches_nn_max_pool_values_and_gradient(shape, data):
     np.testing.assert_array_equal(dx, dx_ref)  # the same element of each window, ties included
 
 
+@pytest.mark.parametrize("shape", [(4, 8, 8, 3), (2, 7, 9, 5), (3, 28, 28, 32)])
+@pytest.mark.parametrize("data", ["normal", "ties", "nonpositive"])
+def test_relu_max_pool_2x2_matches_relu_then_nn_max_pool(shape, data):
+    kx, kg = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, shape)
+    if data == "ties":  # equal maxima, zeros and exact negatives inside windows
+        x = jnp.round(x)
+    elif data == "nonpositive":  # windows whose maximum is 0 or negative: no gradient
+        x = -jnp.abs(jnp.round(x))
+    g = jax.random.normal(kg, (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+    ref = functools.partial(_value_and_vjp, lambda v: _pool_ref(jax.nn.relu(v)))
+    y_ref, dx_ref = jax.jit(ref)(x, g)
+    y, dx = jax.jit(functools.partial(_value_and_vjp, pooling.relu_max_pool_2x2))(x, g)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+
+
+def test_relu_max_pool_2x2_bfloat16_and_residual_size():
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4)).astype(jnp.bfloat16)
+    g = jnp.ones((2, 3, 3, 4), jnp.bfloat16)
+    y_ref, dx_ref = _value_and_vjp(lambda v: _pool_ref(jax.nn.relu(v)), x, g)
+    y, dx = _value_and_vjp(pooling.relu_max_pool_2x2, x, g)
+    assert dx.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    # what the backward keeps: one uint8 per output, not the input
+    _, vjp = jax.vjp(pooling.relu_max_pool_2x2, x)
+    leaves = [a for a in jax.tree.leaves(vjp) if hasattr(a, "dtype")]
+    assert [(a.shape, a.dtype) for a in leaves] == [((2, 3, 3, 4), jnp.uint8)]
+
+
 def test_max_pool_2x2_bfloat16():
     x = jax.nn.relu(jax.random.normal(jax.random.key(1), (2, 6, 6, 4))).astype(jnp.bfloat16)
     g = jnp.ones((2, 3, 3, 4), jnp.bfloat16)
