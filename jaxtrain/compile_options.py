@@ -6,8 +6,9 @@ several times slower than XLA's own (Eigen) ones, gradients worst:
 
 - MNIST-shape conv 14x14x32 -> 64, batch 128: weight gradient 42 -> 11.7 ms,
   forward 14.8 -> 8.9 ms, input gradient 19 -> 10 ms;
-- the MNIST-shape CNN training step 1.5-2x faster, ResNet-18 on CIFAR-shape
-  data 2.85x, 4 vmapped CNN seeds 2.8x (``benchmarks/results/README.md``).
+- the MNIST-shape CNN training step 1.5-2.2x faster, ResNet-18 on CIFAR-shape
+  data (batch 32) 2.85-4.1x (0.25x -> 1.02x PyTorch's images/s), 4 vmapped CNN
+  seeds 2.8x (``benchmarks/results/README.md``).
 
 So on CPU every program jaxtrain compiles (the train and eval steps, seeds,
 the robustness suite) takes ``CPU_CONV_EIGEN``: XLA's default YNNPACK fusion

@@ -106,7 +106,7 @@ def _bwd(taps, res, g_BHWF):
     kh, kw, c, f = kernel_HWIF.shape
     shifts = [view.reshape((-1, c)) for view in _shifted(x_BHWC, kernel_HWIF)]
     g_NF = g_BHWF.reshape((-1, f))
-    if kh * kw * c <= _IM2COL_MAX_WIDTH:
+    if is_narrow((kh, kw), c):
         patches_NK = jnp.concatenate(shifts, axis=-1)  # feature order (kh, kw, C): HWIO's
         dk = jnp.dot(patches_NK.T, g_NF, preferred_element_type=jnp.float32)
     else:

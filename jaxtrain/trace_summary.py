@@ -15,6 +15,10 @@ TensorBoard needed) and returns, per call of the busiest program (the step):
 Op events: on GPUs, the kernels of the ``/device:GPU:*`` planes (their stream
 lines); on the CPU, the XLA thunks on XLA's own threads of ``/host:CPU``
 (``tf_XLA*`` lines), minus the executor's wrapper events that enclose them.
+XLA:CPU's own (Eigen) convolutions, which jaxtrain's CPU programs use
+(``compile_options``), run asynchronously: their events time the launch, not the
+work, so convolutions are missing from the top ops and the busy fraction
+under-reports (the MNIST CNN step showed ~50% busy).
 Tracing adds a few microseconds per op: for a tiny step (the digits MLP, ~270
 ops, 0.7 ms untraced) the traced times came out about 2x the untraced ones, so
 trust the shares and the busy fraction more than the absolute times there.
