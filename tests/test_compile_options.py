@@ -44,9 +44,25 @@ def _cnn_step(conv: str = "xla"):
     """A small CNN's train step and its arguments (conv picked explicitly)."""
     model = models.CNN(10, features=(8, 16), dense=32, conv=conv)
     x = jnp.asarray(np.random.default_rng(0).random((8, 12, 12, 1)), jnp.float32)
-    state = create_train_state(model, optax.adam(1e-3), jax.random.key(0), x[:1])
+    init = functools.partial(create_train_state, model, optax.adam(1e-3))
+    state = jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})(
+        jax.random.key(0), x[:1])
     batch = {"image": x, "label": jnp.arange(8, dtype=jnp.int32)}
     return functools.partial(train_step, axis_name=None), (state, batch, jax.random.PRNGKey(1))
+
+
+def _loss_grad(model):
+    """A function of nothing: the gradient of ``model``'s cross-entropy on a fixed batch."""
+    x = jnp.asarray(np.random.default_rng(0).random((8, 12, 12, 1)), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x[:1])["params"]
+    params = jax.tree.map(lambda p: jnp.full(p.shape, 0.01, p.dtype), params)
+
+    def grad():
+        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply({"params": p}, x), jnp.arange(8) % 10).mean()
+        return jax.grad(loss)(params)
+
+    return grad
 
 
 def test_options_on_cpu_only_and_overridable(monkeypatch):
@@ -77,16 +93,12 @@ def test_convolutions_leave_ynnpack_and_nothing_else_moves():
     assert " convolution(" not in default and "__ynn_fusion" in default  # YNNPACK's
     assert " convolution(" in eigen and "__ynn_fusion" not in eigen  # XLA's own (Eigen)
 
+    # gradients of the CNN (convolutions, pooling, dots, reductions) and of an MLP
     back = {KEY: CPU_CONV_EIGEN[KEY] + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
-    step, args = _cnn_step()
-    cnn = jax.jit(step).lower(*args)
+    cnn = jax.jit(_loss_grad(models.CNN(10, features=(8, 16), dense=32, conv="xla"))).lower()
     assert _entry(cnn.compile(back)) == _entry(cnn.compile())  # the options = default - conv
-    mlp = models.MLP(10, hidden=(32, 32))
-    xm = jnp.ones((8, 8, 8, 1))
-    state = create_train_state(mlp, optax.adam(1e-3), jax.random.key(0), xm[:1])
-    lowered = jax.jit(functools.partial(train_step, axis_name=None)).lower(
-        state, {"image": xm, "label": jnp.zeros(8, jnp.int32)}, jax.random.key(1))
-    assert _entry(lowered.compile(CPU_CONV_EIGEN)) == _entry(lowered.compile())  # no convs
+    mlp = jax.jit(_loss_grad(models.MLP(10, hidden=(32, 32)))).lower()
+    assert _entry(mlp.compile(CPU_CONV_EIGEN)) == _entry(mlp.compile())  # no convs
 
 
 @pytest.mark.skipif(not IN_TESTED_RANGE, reason="jaxlib outside compile_options.TESTED_JAXLIB")

@@ -17,6 +17,9 @@ from jaxtrain.state import create_train_state
 from jaxtrain.steps import train_step
 
 
+FAST = {"xla_backend_optimization_level": 0}  # LLVM unoptimized: compiles faster, same math
+
+
 def _ref(x, k):
     """``nn.Conv``'s own computation (stride 1, 'SAME', no bias)."""
     return nn.Conv(k.shape[-1], k.shape[:2], use_bias=False).apply({"params": {"kernel": k}}, x)
@@ -129,8 +132,8 @@ def test_cnn_training_steps_match_between_conv_lowerings():
     for kind in ("xla", "matmul_grad", "taps"):
         model = models.CNN(10, features=(8, 16), dense=32, conv=kind)
         init = functools.partial(create_train_state, model, optax.adam(1e-3))
-        state = jax.jit(init)(jax.random.key(2), x[:1])
-        step = jax.jit(train_step)
+        state = jax.jit(init, compiler_options=FAST)(jax.random.key(2), x[:1])
+        step = jax.jit(train_step, compiler_options=FAST)
         out = []
         for _ in range(4):
             state, m = step(state, {"image": x, "label": y}, key)
