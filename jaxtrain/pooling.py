@@ -6,18 +6,18 @@ measured on 2 CPU cores (batch 128), the two pooling backward passes took about
 90 + 54 ms of a ~250 ms step, where PyTorch's take about 29 + 15 ms.
 
 ``max_pool_2x2`` is the same function (2x2 window, stride 2, 'VALID') with a
-``jax.custom_vjp`` whose backward is elementwise: it compares each input with
-the pooled maximum and routes the cotangent to the first maximum of each window
-in row-major order, which is what ``select_and_scatter`` with the ``ge`` select
-of ``max_pool`` does, so gradients are identical, ties included (ties are common
-after a ReLU: whole windows of zeros). It fuses into a few loops instead of a
-scatter, about 5-8x faster for these shapes.
+``jax.custom_vjp`` whose backward is elementwise: the forward records, per
+output, which element of the window is its first maximum in row-major order (one
+uint8), and the backward routes the cotangent there, which is what
+``select_and_scatter`` with the ``ge`` select of ``max_pool`` does, so gradients
+are identical, ties included (ties are common after a ReLU: whole windows of
+zeros). It fuses into a few loops instead of a scatter, about 5-8x faster for
+these shapes.
 
-``relu_max_pool_2x2`` is ``max_pool_2x2(nn.relu(x))`` in one ``custom_vjp``
-whose backward keeps a uint8 per output (the window position that gets the
-gradient, or none when the maximum is not positive) instead of the full-size
-ReLU output; the convolution feeding it then has a single consumer, which XLA
-neither writes out for the backward nor recomputes in two fusions. With the
+``relu_max_pool_2x2`` is ``max_pool_2x2(nn.relu(x))`` in one: its code also
+says "no gradient" where the maximum is not positive, so the backward needs no
+full-size ReLU output; the convolution feeding it then has a single consumer,
+which XLA neither writes out for the backward nor recomputes in two fusions. With the
 tap-sum first convolution (``conv.conv_same(taps=True)``) the MNIST-shape step
 ran 1.13-1.56x faster than ReLU + ``max_pool_2x2`` with XLA's convolutions
 (paired rounds, 2 cores, batch 128); the fused pool alone was within noise.
@@ -29,6 +29,8 @@ VJPs; the tests pin both to ``nn.max_pool`` exactly.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -56,61 +58,31 @@ def _max4(e: list[jnp.ndarray]) -> jnp.ndarray:
     return jnp.maximum(jnp.maximum(e[0], e[1]), jnp.maximum(e[2], e[3]))
 
 
-def _pool(x_BHWC: jnp.ndarray) -> jnp.ndarray:
-    return _max4(_window(x_BHWC))
-
-
-@jax.custom_vjp
-def _pool_even(x_BHWC: jnp.ndarray) -> jnp.ndarray:
-    return _pool(x_BHWC)
-
-
-def _pool_even_fwd(x_BHWC):
-    y = _pool(x_BHWC)
-    return y, (x_BHWC, y)
-
-
-def _pool_even_bwd(res, g_BhwC):
-    x_BHWC, y_BhwC = res
-    b, h, w, c = x_BHWC.shape
-    x6 = x_BHWC.reshape((b, h // 2, 2, w // 2, 2, c))
-    is_max = x6 == y_BhwC[:, :, None, :, None, :]
-    e00, e01 = is_max[:, :, 0, :, 0], is_max[:, :, 0, :, 1]
-    e10, e11 = is_max[:, :, 1, :, 0], is_max[:, :, 1, :, 1]
-    # the first maximum in row-major window order takes the whole cotangent
-    t01 = e01 & ~e00
-    t10 = e10 & ~(e00 | e01)
-    t11 = e11 & ~(e00 | e01 | e10)
-    zero = jnp.zeros_like(g_BhwC)
-    row0 = jnp.stack([jnp.where(e00, g_BhwC, zero), jnp.where(t01, g_BhwC, zero)], axis=3)
-    row1 = jnp.stack([jnp.where(t10, g_BhwC, zero), jnp.where(t11, g_BhwC, zero)], axis=3)
-    return (jnp.stack([row0, row1], axis=2).reshape((b, h, w, c)).astype(x_BHWC.dtype),)
-
-
-_pool_even.defvjp(_pool_even_fwd, _pool_even_bwd)
-
-
-def _relu_pool_code(x_BHWC: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """``relu(max_pool(x))`` and, per output, a uint8 code: the row-major position (0-3)
-    of the window's first maximum, or 4 when that maximum is not positive (no gradient)."""
+def _pool_code(x_BHWC: jnp.ndarray, relu: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The pooled maximum (``relu``: of the ReLU) and, per output, a uint8 code: the
+    row-major position (0-3) of the window's first maximum, which takes the whole
+    cotangent as ``select_and_scatter``'s ``ge`` select does, or 4 for no gradient (no
+    element equals the maximum, a NaN; with ``relu``, a maximum that is not positive)."""
     e = _window(x_BHWC)
     m = _max4(e)
-    first = jnp.where(e[0] == m, 0, jnp.where(e[1] == m, 1, jnp.where(e[2] == m, 2, 3)))
-    code = jnp.where(m > 0, first, 4).astype(jnp.uint8)
-    return jnp.maximum(m, jnp.zeros((), m.dtype)), code
+    code = jnp.where(e[0] == m, 0, jnp.where(e[1] == m, 1, jnp.where(
+        e[2] == m, 2, jnp.where(e[3] == m, 3, 4))))
+    if relu:
+        code, m = jnp.where(m > 0, code, 4), jnp.maximum(m, jnp.zeros((), m.dtype))
+    return m, code.astype(jnp.uint8)
 
 
-@jax.custom_vjp
-def _relu_pool_even(x_BHWC: jnp.ndarray) -> jnp.ndarray:
-    return _relu_pool_code(x_BHWC)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _pool_even(x_BHWC: jnp.ndarray, relu: bool) -> jnp.ndarray:
+    return _pool_code(x_BHWC, relu)[0]
 
 
-def _relu_pool_even_fwd(x_BHWC):
-    y, code = _relu_pool_code(x_BHWC)
-    return y, code
+def _pool_even_fwd(x_BHWC, relu):
+    return _pool_code(x_BHWC, relu)
 
 
-def _relu_pool_even_bwd(code_BhwC, g_BhwC):
+def _pool_even_bwd(relu, code_BhwC, g_BhwC):
+    del relu  # in the code already
     b, h, w, c = code_BhwC.shape
     zero = jnp.zeros((), g_BhwC.dtype)
     parts = [jnp.where(code_BhwC == k, g_BhwC, zero) for k in range(4)]
@@ -118,7 +90,7 @@ def _relu_pool_even_bwd(code_BhwC, g_BhwC):
     return (jnp.stack(rows, axis=2).reshape((b, 2 * h, 2 * w, c)),)
 
 
-_relu_pool_even.defvjp(_relu_pool_even_fwd, _relu_pool_even_bwd)
+_pool_even.defvjp(_pool_even_fwd, _pool_even_bwd)
 
 
 def relu_max_pool_2x2(x_BHWC: jnp.ndarray) -> jnp.ndarray:
@@ -127,10 +99,10 @@ def relu_max_pool_2x2(x_BHWC: jnp.ndarray) -> jnp.ndarray:
     the backward keeps one byte per output (which element, if any, gets the gradient)
     instead of the ReLU's full-size output, and the convolution before it has one
     consumer, so XLA neither writes nor recomputes it twice."""
-    return _relu_pool_even(_crop(x_BHWC))  # cropped rows / columns get no gradient
+    return _pool_even(_crop(x_BHWC), True)  # cropped rows / columns get no gradient
 
 
 def max_pool_2x2(x_BHWC: jnp.ndarray) -> jnp.ndarray:
     """``nn.max_pool(x, (2, 2), strides=(2, 2))`` (NHWC, 'VALID') with an
     elementwise backward pass instead of ``select_and_scatter``."""
-    return _pool_even(_crop(x_BHWC))
+    return _pool_even(_crop(x_BHWC), False)

@@ -144,11 +144,11 @@ def summarize_trace(logdir: str, steps: int, top: int = 15) -> dict[str, Any]:
 def format_trace_summary(summary: dict[str, Any], top: int = 10) -> str:
     """A few lines for a log: busy time, then the top ``top`` ops."""
     frac = summary["busy_fraction"]
-    lines = [f"profile: {summary['calls']} calls of {summary['program']} "
-             f"({summary['steps']} steps traced), {summary['devices']} device(s): busy "
-             f"{summary['busy_ms_per_call']:.2f} ms of a {summary['span_ms_per_call']:.2f} ms "
-             f"span per call ({'-' if frac is None else f'{frac:.0%}'}), "
-             f"{summary['distinct_ops']} distinct ops; top ops (ms per call, all devices):"]
+    lines = [(f"profile: {summary['calls']} calls of {summary['program']} "
+              f"({summary['steps']} steps traced), {summary['devices']} device(s): busy "
+              f"{summary['busy_ms_per_call']:.2f} ms of a {summary['span_ms_per_call']:.2f} ms "
+              f"span per call ({'-' if frac is None else f'{frac:.0%}'}), "
+              f"{summary['distinct_ops']} distinct ops; top ops (ms per call, all devices):")]
     for op in summary["ops"][:top]:
         lines.append(f"  {op['ms_per_call']:9.3f}  {op['share']:6.1%}  "
                      f"x{op['times_per_call']:<5.3g} {op['name'][:90]}")

@@ -340,7 +340,7 @@ def test_steps_only_floor_runs_the_same_steps_as_the_loop(tmp_path):
     floor = torch_peer.jax_steps_only({"epochs": 1, "repeats": 1})
     config = torch_peer.digits_config(epochs=1, log_every=1, best_metric="")
     loop.train_and_evaluate(config, str(tmp_path))
-    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["split"] == "train"]
     assert len(train) == floor["steps"] == 20  # 1294 training digits, 64 per batch
     assert floor["final_loss"] == pytest.approx(train[-1]["loss"], rel=1e-5)

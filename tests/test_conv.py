@@ -16,7 +16,6 @@ from jaxtrain.compile_options import compiler_options
 from jaxtrain.state import create_train_state
 from jaxtrain.steps import train_step
 
-
 FAST = {"xla_backend_optimization_level": 0}  # LLVM unoptimized: compiles faster, same math
 
 
