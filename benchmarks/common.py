@@ -8,12 +8,15 @@ ratios measured side by side in one run, never asserted in a test.
 Cases that need their own process (XLA flags are read once, peak memory is per
 process) run as children: ``run_child(module, case)`` starts
 ``python -m <module> --child '<json>'``; the child's ``child_main`` prints one
-``RESULT {json}`` line.
+``RESULT {json}`` line. ``run_lockstep`` runs two or more children at once whose
+timed regions take turns (``wait_turn``), so that the slow spells of a shared
+machine, which last seconds to minutes, fall on both sides of a ratio alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,6 +25,8 @@ import resource
 import shlex
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +34,8 @@ from typing import Any
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 RESULT_PREFIX = "RESULT "
+TURNS_ENV = "JAXTRAIN_BENCH_TURNS"  # set in ``run_lockstep``'s children
+TURN_LINE = "TURN"
 
 
 class BenchmarkError(RuntimeError):
@@ -198,9 +205,11 @@ def time_steps(
     """Runs ``carry = step(carry)`` ``n`` times per repeat, ``sync(carry)`` at the end of each.
 
     Returns the final carry and ``wall_s`` / ``cpu_s`` per repeat plus the best
-    and median seconds per step (best is the least disturbed by other load)."""
+    and median seconds per step (best is the least disturbed by other load). Each
+    repeat is one turn of a lockstep run (``wait_turn``)."""
     walls, cpus = [], []
     for _ in range(repeats):
+        wait_turn()
         c0, t0 = cpu_seconds(), time.perf_counter()
         for _ in range(n):
             carry = step(carry)
@@ -236,6 +245,20 @@ def compiled_flops(compiled: Any) -> float | None:
 # ----------------------------------------------------------------------------- children
 
 
+def _child_cmd(module: str, case: dict[str, Any],
+               env: dict[str, str] | None) -> tuple[list[str], dict[str, str]]:
+    child_env = {**os.environ, **(env or {})}
+    path = child_env.get("PYTHONPATH", "")
+    child_env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + path if path else "")
+    child_env.pop(TURNS_ENV, None)
+    return [sys.executable, "-m", module, "--child", json.dumps(case)], child_env
+
+
+def _child_failed(module: str, case: dict[str, Any], code: int | None, output: str):
+    tail = "\n".join(output.strip().splitlines()[-15:])
+    return BenchmarkError(f"{module} case {case} failed (exit {code}):\n{tail}")
+
+
 def run_child(
     module: str, case: dict[str, Any], *, env: dict[str, str] | None = None,
     timeout: float | None = None,
@@ -244,10 +267,7 @@ def run_child(
 
     ``env`` adds to (or, with a value of ``""`` for ``XLA_FLAGS``, replaces) the
     environment. Raises ``BenchmarkError`` with the child's last lines on failure."""
-    child_env = {**os.environ, **(env or {})}
-    path = child_env.get("PYTHONPATH", "")
-    child_env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + path if path else "")
-    cmd = [sys.executable, "-m", module, "--child", json.dumps(case)]
+    cmd, child_env = _child_cmd(module, case, env)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env, cwd=REPO_ROOT,
@@ -259,8 +279,114 @@ def run_child(
             result = json.loads(line[len(RESULT_PREFIX):])
             result.setdefault("process_wall_s", time.perf_counter() - t0)
             return result
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-    raise BenchmarkError(f"{module} case {case} failed (exit {proc.returncode}):\n{tail}")
+    raise _child_failed(module, case, proc.returncode, proc.stdout + proc.stderr)
+
+
+def wait_turn() -> None:
+    """In a child of ``run_lockstep``: blocks until the parent gives this child the
+    machine for one timed region (it ends at the next ``wait_turn`` or at the end of
+    the child). Does nothing in any other process."""
+    if os.environ.get(TURNS_ENV) != "1":
+        return
+    print(TURN_LINE, flush=True)
+    if sys.stdin.readline().strip() != "go":
+        raise BenchmarkError("the lockstep parent went away")
+
+
+def run_lockstep(
+    module: str, cases: Sequence[tuple[dict[str, Any], dict[str, str] | None]], *,
+    timeout: float | None = None,
+) -> list[dict[str, Any]]:
+    """Runs one child per ``(case, env)`` at the same time, their timed regions in turns.
+
+    The children set up (load, compile) side by side; after that exactly one child
+    runs at a time, for one region between its ``wait_turn`` calls, the others
+    blocked on a pipe: the first child's region 1, the second's region 1, ..., then
+    region 2 in reverse order (ABBA), and so on until each has printed its RESULT.
+    Region ``j`` of every child is thus timed within seconds of the others', so
+    that a ratio of their figures is not the ratio of a quiet and a busy minute.
+    Returns the RESULTs in ``cases``' order; a failed child comes back as
+    ``{**case, "error": ...}`` (the others run on), as ``run_case`` does."""
+    with contextlib.ExitStack() as stack:
+        procs, logs = [], []
+        for case, env in cases:
+            cmd, child_env = _child_cmd(module, case, env)
+            child_env[TURNS_ENV] = "1"
+            logs.append(stack.enter_context(tempfile.TemporaryFile(mode="w+")))  # stderr
+            procs.append(stack.enter_context(subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logs[-1], text=True,
+                env=child_env, cwd=REPO_ROOT)))
+        t0 = time.perf_counter()
+        results, tails, timed_out = _take_turns(procs, timeout)
+        wall = time.perf_counter() - t0
+        out = []
+        for (case, _), proc, log, result, tail in zip(cases, procs, logs, results, tails):
+            if result is None:
+                log.seek(0)
+                err = (BenchmarkError(f"{module} case {case} ran past {timeout:.0f} s")
+                       if timed_out else
+                       _child_failed(module, case, proc.returncode, "".join(tail) + log.read()))
+                print(f"FAILED: {err}", file=sys.stderr)
+                result = {**case, "error": str(err)}
+            else:
+                result.setdefault("process_wall_s", wall)
+            out.append(result)
+    return out
+
+
+def _take_turns(procs: list[subprocess.Popen], timeout: float | None):
+    """``run_lockstep``'s conductor: returns each child's RESULT (or ``None``), its last
+    output lines, and whether the timeout killed them."""
+    results: list[dict[str, Any] | None] = [None] * len(procs)
+    tails: list[list[str]] = [[] for _ in procs]
+    timed_out = threading.Event()
+
+    def kill_all() -> None:
+        timed_out.set()
+        for p in procs:
+            p.kill()
+
+    def next_turn(i: int) -> bool:
+        """Reads child ``i``'s output up to its next turn (True) or its end (False)."""
+        for line in procs[i].stdout:
+            if line.rstrip("\n") == TURN_LINE:
+                return True
+            if line.startswith(RESULT_PREFIX):
+                results[i] = json.loads(line[len(RESULT_PREFIX):])
+            tails[i] = (tails[i] + [line])[-15:]
+        return False
+
+    timer = threading.Timer(timeout, kill_all) if timeout else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    try:
+        waiting = [i for i in range(len(procs)) if next_turn(i)]  # all set up
+        order = 1
+        while waiting:
+            for i in waiting[::order]:
+                try:
+                    procs[i].stdin.write("go\n")
+                    procs[i].stdin.flush()
+                except BrokenPipeError:
+                    pass  # it died: next_turn reads its end
+                if not next_turn(i):
+                    waiting.remove(i)
+            order = -order
+    finally:
+        if timer:
+            timer.cancel()
+        for p in procs:
+            p.stdin.close()
+            p.wait()
+    return results, tails, timed_out.is_set()
+
+
+def paired_ratios(a: dict[str, Any], b: dict[str, Any]) -> list[float]:
+    """Per timed region, ``a``'s steps/s over ``b``'s, from two ``time_steps`` timings
+    of one ``run_lockstep`` run (region ``j`` of each, timed seconds apart)."""
+    na, nb = a["steps_timed"], b["steps_timed"]
+    return [(wb / nb) / (wa / na) for wa, wb in zip(a["wall_s"], b["wall_s"]) if wa > 0]
 
 
 def run_case(
@@ -365,13 +491,28 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def _echo(case: dict[str, Any]) -> dict[str, Any]:
+    """Echoes ``case``; with ``turns``: that many timed regions (``wait_turn``) of
+    ``sleep`` seconds each, returned as ``[start, end]`` times; ``fail``: exits 3
+    after the first."""
+    regions = []
+    for _ in range(int(case.get("turns", 0))):
+        wait_turn()
+        if case.get("fail") and regions:
+            sys.exit(3)
+        start = time.time()
+        time.sleep(float(case.get("sleep", 0.0)))
+        regions.append([start, time.time()])
+    return {"echo": case, "regions": regions}
+
+
 def _echo_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.common --child JSON`` echoes its case (tests the protocol)."""
+    """``python -m benchmarks.common --child JSON`` echoes its case (tests the protocols)."""
     args = base_parser("echo child").parse_args(argv)
     if args.child is None:
         print("benchmarks.common is a library; run a benchmark module instead", file=sys.stderr)
         return 2
-    return child_main(lambda case: {"echo": case}, args.child)
+    return child_main(_echo, args.child)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     t_setup = time.perf_counter() - t0
 
     jitted = strategy.compile(update, donate_argnums=(0,))
+    common.wait_turn()  # compile and first call: one turn of a lockstep run
     t0 = time.perf_counter()
     lowered = jitted.lower(state, train, idxs[0], key)
     compiled = lowered.compile()
@@ -134,7 +135,8 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     first_loss = float(np.ravel(jax.device_get(first_metrics["loss"]))[0])
     if case.get("steps"):
         n = int(case["steps"])
-    else:  # as many calls as fit in ``seconds``, judged from one more call
+    else:  # as many calls as fit in ``seconds``, judged from one more call (a turn)
+        common.wait_turn()
         t0 = time.perf_counter()
         state = jax.block_until_ready(step(state))
         n = max(2, int(case.get("seconds", 2.0) / max(time.perf_counter() - t0, 1e-6)))

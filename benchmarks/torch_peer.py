@@ -5,8 +5,8 @@
     python -m benchmarks.torch_peer --suites resnet --resnet-dtype bfloat16 \\
         --peak-flops 989e12                               # on an H100
 
-Suites (each side runs in its own process, one after the other, measured
-side by side in one run and reported as ratios jaxtrain / PyTorch):
+Suites (each side runs in its own process, measured side by side in one run and
+reported as ratios jaxtrain / PyTorch):
 
 - ``mlp``: digits MLP, whole training with the ``experiments.digits_mlp``
   defaults (30 epochs, batch 64, Adam 2e-3, cosine), both from the same initial
@@ -25,13 +25,20 @@ side by side in one run and reported as ratios jaxtrain / PyTorch):
   the speedup any jaxtrain loop could show.
 - ``cnn``: MNIST-shape CNN (batch 128) training steps/s, jaxtrain variants
   (layout, precision, XLA flags, im2col convolution, matmul weight gradients, elementwise
-  max-pool gradient) against PyTorch eager
-  (NCHW and channels_last, each thread count). A PyTorch measurement runs
-  before and after each jaxtrain variant; its ratio uses their mean.
+  max-pool gradient) against PyTorch eager. A first round tries PyTorch's NCHW and
+  channels_last layouts at each thread count; then each jaxtrain variant runs in
+  lockstep with PyTorch's best setting (``common.run_lockstep``: both processes
+  set up side by side, then their timed repeats alternate, one process at a time),
+  and the variant's ratio is best over best within that pair, with the ratio of
+  each repeat pair beside it. On this shared 2-core machine a slow spell lasts
+  seconds to minutes (PyTorch alone measured 14-22 steps/s within one run), so
+  ratios of runs a minute apart moved by 0.2-0.4.
 - ``resnet``: ResNet-18 on CIFAR-shape data, images/s and MFU; PyTorch with
   autocast (bf16) on GPU, channels_last, fused Adam and ``torch.compile`` where a
   GPU is present (``--torch-compile``), once per ``--torch-compile-mode``; the
-  ratio is to the fastest.
+  ratio is to the fastest. On CPU, PyTorch's thread counts are tried first and
+  its best runs in lockstep with jaxtrain, as in ``cnn``; on a GPU the children
+  run one after the other (two processes would contend for its memory).
 
 PyTorch is an optional dependency of the benchmarks only (``pip install torch``).
 """
@@ -41,6 +48,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -361,6 +369,7 @@ def torch_steps(case: dict[str, Any]) -> dict[str, Any]:
             model = model.to(memory_format=torch.channels_last)
         # fused Adam: one kernel for the whole update on a GPU, what a tuned loop uses
         opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type == "cuda")
+        common.wait_turn()  # compile and first steps: one turn of a lockstep run
         t0 = time.perf_counter()
         mode = case.get("torch_compile_mode", "default")
         fwd = (torch.compile(model, mode=None if mode == "default" else mode)
@@ -382,6 +391,7 @@ def torch_steps(case: dict[str, Any]) -> dict[str, Any]:
         if case.get("steps"):
             n_steps = int(case["steps"])
         else:
+            common.wait_turn()
             t0 = time.perf_counter()
             loss = step(loss)
             _sync(device)
@@ -739,51 +749,54 @@ def suite_cnn(args, threads, platform: str) -> dict[str, Any]:
         return {name: _run("torch_steps", {**base, **torch_cases[name], "threads": nthreads},
                            args) for name in cases}
 
-    # the first round tries every layout and thread count; later rounds rerun the best
+    # The first round tries every layout and thread count; then each variant runs in
+    # lockstep with PyTorch's best setting (common.run_lockstep): their timed repeats
+    # alternate, seconds apart, so a slow spell of this shared machine (minutes long;
+    # PyTorch alone measured 14-22 steps/s across one run) hits both alike.
     rounds = [torch_round(torch_cases, threads)]
     best_name, best = max(((n, r) for n, r in rounds[0].items() if r.get("steps_per_s")),
                           key=lambda nr: nr[1]["steps_per_s"], default=(None, {}))
-    best_threads = [best["best_threads"]] if best else threads
-
-    def torch_round_best():
-        return torch_round([best_name] if best_name else list(torch_cases), best_threads)
-
-    jax_results = {}
+    torch_case = ({"kind": "torch_steps", **base, **torch_cases[best_name],
+                   "threads": [best["best_threads"]]} if best_name else None)
+    rows, out = [], []
     for name, (changes, flags) in variants.items():
         changes = dict(changes)
         env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
                **changes.pop("env", {})}
         shown = " ".join([*(f"{k}={v}" for k, v in env.items() if k != "XLA_FLAGS"), flags])
-        jax_results[name] = _run("jax_steps", {**base, **changes, "xla_flags": shown.strip()},
-                                 args, env=env)
-        rounds.append(torch_round_best())
-    # PyTorch reference for variant i: the best torch setting, mean of rounds i and i + 1.
-    def torch_best(rnd):
-        vals = [r.get("steps_per_s") for r in rnd.values() if r.get("steps_per_s")]
-        return max(vals) if vals else None
-
-    refs = [torch_best(r) for r in rounds]
-    rows, out = [], []
-    for i, (name, r) in enumerate(jax_results.items()):
-        pair = [v for v in (refs[i], refs[i + 1]) if v]
-        ref = sum(pair) / len(pair) if pair else None
+        jax_case = {"kind": "jax_steps", **base, **changes, "xla_flags": shown.strip()}
+        if torch_case is None:  # no PyTorch figure to pair with: jaxtrain alone
+            r, tr = _run(jax_case.pop("kind"), jax_case, args, env=env), {}
+        else:
+            r, tr = common.run_lockstep("benchmarks.torch_peer",
+                                        [(jax_case, env), (dict(torch_case), None)],
+                                        timeout=args.timeout)
+            rounds.append({best_name: tr})
+        ref = tr.get("steps_per_s")
+        pairs = (common.paired_ratios(r["timing"], tr["runs"][0]["timing"])
+                 if "timing" in r and tr.get("runs") else [])
         rel = common.ratio(r.get("steps_per_s"), ref)
-        out.append({"name": name, **r, "torch_ref_steps_per_s": ref, "ratio_vs_torch": rel})
-        rows.append([name, r.get("xla_flags", ""), r.get("steps_per_s"), ref, rel,
+        mid = statistics.median(pairs) if pairs else None
+        out.append({"name": name, **r, "torch_ref_steps_per_s": ref, "ratio_vs_torch": rel,
+                    "paired_ratios": pairs, "ratio_vs_torch_median_of_pairs": mid})
+        rows.append([name, r.get("xla_flags", ""), r.get("steps_per_s"), ref, rel, mid,
+                     f"{min(pairs):.2f}-{max(pairs):.2f}" if pairs else "",
                      r.get("cpu_s_per_step"), r.get("compile_s"), r.get("first_loss"),
-                     "error" if "error" in r else ""])
+                     "error" if "error" in r or "error" in tr else ""])
     for name in torch_cases:
         vals = [rnd[name]["steps_per_s"] for rnd in rounds
                 if rnd.get(name, {}).get("steps_per_s")]
         rows.append([name, f"threads {threads}", max(vals) if vals else None, None, None, None,
-                     None, None, ""])
+                     "", None, None, None, ""])
     common.print_table(
         f"MNIST-shape CNN, batch {base['batch_size']}: training steps/s, jaxtrain variant vs "
-        "PyTorch eager (best setting, measured before and after each variant)",
-        ["variant", "xla_flags", "steps/s", "torch_steps/s", "ratio", "cpu_s/step",
-         "compile_s", "first_loss", ""], rows)
+        "PyTorch eager (its best setting, run in lockstep with each variant: repeats "
+        "alternate). ratio: best over best; pairs: per repeat pair, median and range",
+        ["variant", "xla_flags", "steps/s", "torch_steps/s", "ratio", "pairs_median",
+         "pairs_range", "cpu_s/step", "compile_s", "first_loss", ""], rows)
     return {"batch_size": base["batch_size"], "variants": out, "torch_rounds": rounds,
-            "torch_best": {"setting": best_name, "threads": best_threads}}
+            "torch_best": {"setting": best_name,
+                           "threads": [best["best_threads"]] if best_name else threads}}
 
 
 def suite_resnet(args, threads, platform: str) -> dict[str, Any]:
@@ -797,18 +810,32 @@ def suite_resnet(args, threads, platform: str) -> dict[str, Any]:
     if args.smoke:
         base.update(model="resnet_tiny", batch_size=16, steps=2, repeats=1, synthetic_size=256)
     compile_torch = args.torch_compile == "on" or (args.torch_compile == "auto" and on_gpu)
-    jr = _run("jax_steps", {**base, "peak_flops": args.peak_flops}, args)
+    jax_case = {**base, "peak_flops": args.peak_flops}
+    torch_cases = [{**base, "threads": threads, "channels_last": True,
+                    "torch_compile": compile_torch, "torch_compile_mode": mode}
+                   for mode in (args.torch_compile_mode if compile_torch else ["default"])]
+    if on_gpu:  # one child at a time: two processes would contend for GPU memory
+        jr = _run("jax_steps", jax_case, args)
+        torch_runs = [_run("torch_steps", case, args) for case in torch_cases]
+    else:  # as the cnn suite: PyTorch's thread counts first, then its best in lockstep
+        (case,) = torch_cases
+        first = _run("torch_steps", case, args) if len(threads) > 1 else {}
+        case = {**case, "threads": [first.get("best_threads") or max(threads)]}
+        jr, tr = common.run_lockstep(
+            "benchmarks.torch_peer", [({"kind": "jax_steps", **jax_case}, None),
+                                      ({"kind": "torch_steps", **case}, None)],
+            timeout=args.timeout)
+        torch_runs = [tr]
+        tr["paired_ratios"] = (common.paired_ratios(jr["timing"], tr["runs"][0]["timing"])
+                               if "timing" in jr and tr.get("runs") else [])
+        tr["threads_round"] = first
     flops = jr.get("flops_per_step")
-    torch_runs = []  # one child per torch.compile mode; the best is the reference
-    for mode in (args.torch_compile_mode if compile_torch else ["default"]):
-        tr = _run("torch_steps", {**base, "threads": threads, "channels_last": True,
-                                  "torch_compile": compile_torch, "torch_compile_mode": mode},
-                  args)
+    for tr in torch_runs:  # one per torch.compile mode; the best is the reference
+        mode = tr.get("torch_compile_mode", "default")
         tr["name"] = ("pytorch " + ("autocast bf16, " if dtype == "bfloat16" else "")
                       + "channels_last" + (f", torch.compile {mode}" if compile_torch
                                            else ", eager")
                       + (", fused Adam" if on_gpu else ""))
-        torch_runs.append(tr)
     for r in (jr, *torch_runs):
         r["flops_per_s"] = flops * r["steps_per_s"] if flops and r.get("steps_per_s") else None
         r["mfu"] = (r["flops_per_s"] / args.peak_flops
@@ -822,10 +849,13 @@ def suite_resnet(args, threads, platform: str) -> dict[str, Any]:
               common.ratio(r.get("images_per_s"), tr.get("images_per_s")),
               common.mib((r.get("memory") or {}).get("device_peak_bytes")),
               "error" if "error" in r else ""] for r in torch_runs]
+    pairs = tr.get("paired_ratios")
     common.print_table(
         f"{base['model']} CIFAR-shape, batch {base['batch_size']}: images/s "
         f"(MFU against {args.peak_flops or '-'} FLOP/s, model FLOPs from XLA), ratio to the "
-        "best PyTorch run",
+        "best PyTorch run" + (f" (in lockstep; per repeat pair {min(pairs):.2f}-"
+                              f"{max(pairs):.2f}, median {statistics.median(pairs):.2f})"
+                              if pairs else ""),
         ["run", "images/s", "MFU", "ratio_vs_torch", "dev_peak_MiB", ""], rows)
     return {"jaxtrain": jr, "pytorch": tr, "pytorch_runs": torch_runs, "ratio_images_per_s": rel}
 

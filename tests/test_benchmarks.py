@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import subprocess
@@ -84,6 +85,28 @@ def test_run_child_round_trip_and_failure():
     with pytest.raises(common.BenchmarkError, match=r"'x': 3.*exit 1"):
         common.run_child("benchmarks.common", {"x": 3, "bad": float("nan")}, timeout=300,
                          env={"XLA_FLAGS": "--no_such_xla_flag"})
+
+
+def test_run_lockstep_alternates_timed_regions_and_reports_failures():
+    cases = [({"turns": 4, "sleep": 0.05, "name": name}, None) for name in "ab"]
+    a, b = common.run_lockstep("benchmarks.common", cases, timeout=300)
+    assert a["echo"]["name"] == "a" and b["echo"]["name"] == "b"
+    regions = sorted([(*r, "a") for r in a["regions"]] + [(*r, "b") for r in b["regions"]])
+    # one child at a time, ABBA order: region j of each is timed next to the other's
+    assert all(end <= nxt for (_, end, _), (nxt, _, _) in itertools.pairwise(regions))
+    assert "".join(who for *_, who in regions) == "abbaabba"
+    # a child that dies mid-run comes back as an error; the other runs to its end
+    cases = [({"turns": 3, "fail": True}, None), ({"turns": 3, "sleep": 0.01}, None)]
+    bad, good = common.run_lockstep("benchmarks.common", cases, timeout=300)
+    assert "exit 3" in bad["error"] and len(good["regions"]) == 3
+    # outside a lockstep run the turns cost nothing
+    assert len(common.run_child("benchmarks.common", {"turns": 2}, timeout=300)["regions"]) == 2
+
+
+def test_paired_ratios_compare_region_by_region():
+    a = {"steps_timed": 10, "wall_s": [1.0, 2.0]}  # 10 and 5 steps/s
+    b = {"steps_timed": 4, "wall_s": [0.8, 0.8]}  # 5 steps/s
+    assert common.paired_ratios(a, b) == pytest.approx([2.0, 1.0])
 
 
 def _in_process(monkeypatch, child):
@@ -384,7 +407,7 @@ def test_time_to_accuracy_main(tmp_path):
 @needs_torch
 @pytest.mark.slow
 def test_torch_peer_main(tmp_path):
-    doc = _bench("benchmarks.torch_peer", "--suites", "mlp,resnet", "--steps-per-call", "",
+    doc = _bench("benchmarks.torch_peer", "--suites", "mlp,resnet,cnn", "--steps-per-call", "",
                  tmp_path=tmp_path)
     runs = {r["name"]: r for r in doc["mlp"]["runs"]}
     # same initial parameters, same batches, same optimizer: the same test accuracy
@@ -400,6 +423,13 @@ def test_torch_peer_main(tmp_path):
     floor = doc["mlp"]["steps_only"]
     assert floor["steps_only_s"] < jax_run["train_eval_s"] and floor["speedup_bound_vs_torch_train_eval"] > 0
     assert doc["resnet"]["ratio_images_per_s"] > 0
+    # each CNN variant ran in lockstep with PyTorch's best setting: a ratio per repeat pair
+    variants = doc["cnn"]["variants"]
+    assert [v["name"] for v in variants] == list(torch_peer.SMOKE_CNN_VARIANTS)
+    for v in variants:
+        assert len(v["paired_ratios"]) == v["timing"]["repeats"] and v["ratio_vs_torch"] > 0
+        assert v["first_loss"] == pytest.approx(variants[0]["first_loss"], rel=1e-4)
+    assert len(doc["cnn"]["torch_rounds"]) == 1 + len(variants)
 
 
 @pytest.mark.slow
