@@ -495,6 +495,7 @@ def _echo(case: dict[str, Any]) -> dict[str, Any]:
     """Echoes ``case``; with ``turns``: that many timed regions (``wait_turn``) of
     ``sleep`` seconds each, returned as ``[start, end]`` times; ``fail``: exits 3
     after the first."""
+    memory = peak_memory()  # imports jax while the children set up side by side
     regions = []
     for _ in range(int(case.get("turns", 0))):
         wait_turn()
@@ -503,7 +504,7 @@ def _echo(case: dict[str, Any]) -> dict[str, Any]:
         start = time.time()
         time.sleep(float(case.get("sleep", 0.0)))
         regions.append([start, time.time()])
-    return {"echo": case, "regions": regions}
+    return {"echo": case, "regions": regions, "memory": memory}
 
 
 def _echo_main(argv: Sequence[str] | None = None) -> int:

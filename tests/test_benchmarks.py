@@ -61,6 +61,7 @@ def test_peak_memory_reports_host_rss():
 
 
 def test_time_steps_runs_n_steps_per_repeat_and_syncs_each():
+    assert common.TURNS_ENV not in os.environ  # outside a lockstep run turns are free
     synced = []
     carry, t = common.time_steps(lambda c: c + 1, 0, 5, 3, synced.append)
     assert carry == 15 and synced == [5, 10, 15]
@@ -99,8 +100,6 @@ def test_run_lockstep_alternates_timed_regions_and_reports_failures():
     cases = [({"turns": 3, "fail": True}, None), ({"turns": 3, "sleep": 0.01}, None)]
     bad, good = common.run_lockstep("benchmarks.common", cases, timeout=300)
     assert "exit 3" in bad["error"] and len(good["regions"]) == 3
-    # outside a lockstep run the turns cost nothing
-    assert len(common.run_child("benchmarks.common", {"turns": 2}, timeout=300)["regions"]) == 2
 
 
 def test_paired_ratios_compare_region_by_region():
@@ -285,11 +284,12 @@ def test_im2col_cnn_is_the_same_function_with_the_same_params():
     x = jax.random.uniform(jax.random.key(0), (4, 12, 12, 3))
     xla = create_model("cnn", 10).clone(conv="xla")
     im2col = xla.clone(conv="im2col")
-    variables = jax.jit(xla.init)(jax.random.key(1), x)
+    fast = {"xla_backend_optimization_level": 0}  # LLVM unoptimized: compiles faster
+    variables = jax.jit(xla.init, compiler_options=fast)(jax.random.key(1), x)
     assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
         jnp.shape, jax.eval_shape(im2col.init, jax.random.key(1), x))
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=fast)
     def outputs_and_grads(v):
         loss = lambda m, v: jnp.sum(m.apply(v, x) ** 2)
         return (xla.apply(v, x), im2col.apply(v, x),
