@@ -817,18 +817,17 @@ def suite_resnet(args, threads, platform: str) -> dict[str, Any]:
     if on_gpu:  # one child at a time: two processes would contend for GPU memory
         jr = _run("jax_steps", jax_case, args)
         torch_runs = [_run("torch_steps", case, args) for case in torch_cases]
-    else:  # as the cnn suite: PyTorch's thread counts first, then its best in lockstep
-        (case,) = torch_cases
-        first = _run("torch_steps", case, args) if len(threads) > 1 else {}
-        case = {**case, "threads": [first.get("best_threads") or max(threads)]}
-        jr, tr = common.run_lockstep(
+    else:  # as the cnn suite: PyTorch's thread counts first, then the best in lockstep
+        first = _run("torch_steps", torch_cases[0], args) if len(threads) > 1 else {}
+        best_threads = [first.get("best_threads") or max(threads)]
+        jr, *torch_runs = common.run_lockstep(
             "benchmarks.torch_peer", [({"kind": "jax_steps", **jax_case}, None),
-                                      ({"kind": "torch_steps", **case}, None)],
-            timeout=args.timeout)
-        torch_runs = [tr]
-        tr["paired_ratios"] = (common.paired_ratios(jr["timing"], tr["runs"][0]["timing"])
-                               if "timing" in jr and tr.get("runs") else [])
-        tr["threads_round"] = first
+                                      *(({"kind": "torch_steps", **c, "threads": best_threads},
+                                         None) for c in torch_cases)], timeout=args.timeout)
+        for tr in torch_runs:
+            tr["paired_ratios"] = (common.paired_ratios(jr["timing"], tr["runs"][0]["timing"])
+                                   if "timing" in jr and tr.get("runs") else [])
+            tr["threads_round"] = first
     flops = jr.get("flops_per_step")
     for tr in torch_runs:  # one per torch.compile mode; the best is the reference
         mode = tr.get("torch_compile_mode", "default")
