@@ -408,7 +408,7 @@ def test_time_to_accuracy_main(tmp_path):
 @pytest.mark.slow
 def test_torch_peer_main(tmp_path):
     doc = _bench("benchmarks.torch_peer", "--suites", "mlp,resnet,cnn", "--steps-per-call", "",
-                 tmp_path=tmp_path)
+                 "--mlp-rounds", "2", tmp_path=tmp_path)
     runs = {r["name"]: r for r in doc["mlp"]["runs"]}
     # same initial parameters, same batches, same optimizer: the same test accuracy
     assert runs["pytorch eager"]["test_accuracy"] == pytest.approx(
@@ -420,6 +420,9 @@ def test_torch_peer_main(tmp_path):
     jax_run = runs["jaxtrain, cold compile cache"]
     assert jax_run["end_to_end_s"] == jax_run["wall_s"] == pytest.approx(
         jax_run["setup_s"] + jax_run["train_eval_s"] + jax_run["finish_s"])
+    rounds = doc["mlp"]["warm_vs_torch_rounds"]  # alternating warm-cache / PyTorch pairs
+    assert len(rounds) == 2 and all(r["speedup_vs_torch_train_eval"] > 0 for r in rounds)
+    assert rounds[0]["jax_train_eval_s"] == runs["jaxtrain, warm compile cache"]["train_eval_s"]
     floor = doc["mlp"]["steps_only"]
     assert floor["steps_only_s"] < jax_run["train_eval_s"] and floor["speedup_bound_vs_torch_train_eval"] > 0
     assert doc["resnet"]["ratio_images_per_s"] > 0
