@@ -683,6 +683,13 @@ def _run(kind: str, case: dict[str, Any], args, env: dict[str, str] | None = Non
                            timeout=args.timeout)
 
 
+def _paired(jax_result: dict[str, Any], torch_result: dict[str, Any]) -> list[float]:
+    """jaxtrain over PyTorch per repeat pair of one lockstep run (``[]`` if either failed)."""
+    if "timing" not in jax_result or not torch_result.get("runs"):
+        return []
+    return common.paired_ratios(jax_result["timing"], torch_result["runs"][0]["timing"])
+
+
 def suite_mlp(args, threads) -> dict[str, Any]:
     epochs = 2 if args.smoke else args.epochs
     cache = tempfile.mkdtemp(prefix="jaxtrain-bench-cache-")
@@ -792,8 +799,7 @@ def suite_cnn(args, threads, platform: str) -> dict[str, Any]:
                                         timeout=args.timeout)
             rounds.append({best_name: tr})
         ref = tr.get("steps_per_s")
-        pairs = (common.paired_ratios(r["timing"], tr["runs"][0]["timing"])
-                 if "timing" in r and tr.get("runs") else [])
+        pairs = _paired(r, tr)
         rel = common.ratio(r.get("steps_per_s"), ref)
         mid = statistics.median(pairs) if pairs else None
         out.append({"name": name, **r, "torch_ref_steps_per_s": ref, "ratio_vs_torch": rel,
@@ -844,8 +850,7 @@ def suite_resnet(args, threads, platform: str) -> dict[str, Any]:
                                       *(({"kind": "torch_steps", **c, "threads": best_threads},
                                          None) for c in torch_cases)], timeout=args.timeout)
         for tr in torch_runs:
-            tr["paired_ratios"] = (common.paired_ratios(jr["timing"], tr["runs"][0]["timing"])
-                                   if "timing" in jr and tr.get("runs") else [])
+            tr["paired_ratios"] = _paired(jr, tr)
             tr["threads_round"] = first
     flops = jr.get("flops_per_step")
     for tr in torch_runs:  # one per torch.compile mode; the best is the reference
