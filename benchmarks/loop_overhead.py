@@ -38,7 +38,7 @@ def _config(argv: list[str]):
     config = parse_config(digits_mlp.Config, digits_mlp.DEFAULTS, argv, "loop_overhead")
     if config.num_seeds > 1 or config.steps_per_call > 1:
         raise SystemExit("error: loop_overhead compares single-seed, one-step-per-call runs")
-    return config
+    return config.replace(steps_per_call=1)  # not auto: the bare loop calls one step at a time
 
 
 def _setup(config):

@@ -8,23 +8,24 @@
 Suites (each side runs in its own process, measured side by side in one run and
 reported as ratios jaxtrain / PyTorch):
 
-- ``mlp``: digits MLP, whole training with the ``experiments.digits_mlp``
-  defaults (30 epochs, batch 64, Adam 2e-3, cosine), both from the same initial
-  parameters and the same batch order, a validation pass every epoch and a test
-  pass at the end. jaxtrain runs ``train_and_evaluate`` (compile, checkpoint and
-  files included) with a cold and a warm compilation cache and with
-  ``--steps-per-call``; PyTorch runs eager at its best thread count. Two scopes,
-  side by side: ``end_to_end_s`` (jaxtrain: the whole ``train_and_evaluate`` call,
-  data loading, init, compiles, checkpoints, files; PyTorch: data loading and
-  model creation plus the loop) and ``train_eval_s``, like for like (the training
-  loop with its per-epoch validation through the test evaluation; for jaxtrain that
-  includes compiling the steps and the checkpoint saves made inside the loop).
-  ``wall_s`` keeps its old meaning (jaxtrain end to end, PyTorch ``train_eval_s``).
-  A floor comes with them (``steps_only``): the run's training steps alone, already
-  compiled, one ``lax.scan`` per epoch; PyTorch's ``train_eval_s`` over it bounds
-  the speedup any jaxtrain loop could show. The warm-cache run and PyTorch's
-  alternate ``--mlp-rounds`` times (a process each), and the ratio of every
-  adjacent pair is kept (``warm_vs_torch_rounds``).
+- ``mlp``: digits MLP, whole training with the ``experiments.digits_mlp`` defaults
+  (30 epochs, batch 64, Adam 2e-3, cosine), both from the same initial parameters
+  and the same batch order, a validation pass every epoch and a test pass at the
+  end. jaxtrain runs ``train_and_evaluate`` (compile, checkpoint and files included)
+  with a cold and a warm compilation cache (the loop's defaults, so
+  ``--steps-per-call`` auto) and with each ``--steps-per-call`` value; PyTorch runs
+  eager at its best thread count. Two scopes, side by side: ``end_to_end_s``
+  (jaxtrain: the whole ``train_and_evaluate`` call, data loading, init, compiles,
+  checkpoints, files; PyTorch: data loading and model creation plus the loop) and
+  ``train_eval_s``, like for like (the training loop with its per-epoch validation
+  through the test evaluation; for jaxtrain that includes compiling the steps and
+  the checkpoint saves made inside the loop). ``wall_s`` keeps its old meaning
+  (jaxtrain end to end, PyTorch ``train_eval_s``). A floor comes with them
+  (``steps_only``): the run's training steps alone, already compiled, one
+  ``lax.scan`` per epoch; PyTorch's ``train_eval_s`` over it bounds the speedup any
+  jaxtrain loop could show. The warm-cache run and PyTorch's alternate
+  ``--mlp-rounds`` times (a process each), and the ratio of every adjacent pair is
+  kept (``warm_vs_torch_rounds``).
 - ``cnn``: MNIST-shape CNN (batch 128) training steps/s, jaxtrain variants
   (layout, precision, XLA flags, im2col convolution, matmul weight gradients, elementwise
   max-pool gradient) against PyTorch eager. A first round tries PyTorch's NCHW and
@@ -521,7 +522,7 @@ def jax_train(case: dict[str, Any]) -> dict[str, Any]:
     loop.Progress = MarkedProgress
 
     changes = {"epochs": case["epochs"], "compilation_cache": case.get("cache", "")}
-    if case.get("steps_per_call", 1) > 1:
+    if "steps_per_call" in case:  # else the default (auto)
         changes["steps_per_call"] = case["steps_per_call"]
     config = digits_config(**changes)
     # Library imports are outside the clock on both sides (the PyTorch child imports torch
@@ -892,7 +893,8 @@ def parse_args(argv):
     p.add_argument("--mlp-rounds", type=int, default=3,
                    help="mlp suite: jaxtrain warm-cache / PyTorch run pairs, alternated")
     p.add_argument("--steps-per-call", type=lambda s: [int(v) for v in s.split(",") if v],
-                   default=[20], help="--steps-per-call values to also run in the mlp suite")
+                   default=[1], help="--steps-per-call values to also run in the mlp suite "
+                   "(its default runs use the loop's default, auto; 1 = one step per call)")
     p.add_argument("--cnn-batch-size", type=int, default=128)
     p.add_argument("--cnn-variants", type=lambda s: [v for v in s.split(";") if v], default=None,
                    help=f"';'-separated subset of {list(CNN_VARIANTS)}")

@@ -67,9 +67,9 @@ class TrainConfig:
     workdir: str = "runs/default"
     eval_every: int = 0
     log_every: int = 50
-    # fuse this many training steps into one compiled call (lax.scan); 1 = off.
-    # Helps where dispatch dominates (small models, GPUs); one device, one seed.
-    steps_per_call: int = 1
+    # fuse this many training steps into one compiled call (lax.scan); 1 = off; 0 = auto
+    # (loop.auto_steps_per_call: fused where it was measured faster). One device, one seed.
+    steps_per_call: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     # also keep the best checkpoint by this validation metric ("" = latest only);
@@ -124,9 +124,9 @@ class TrainConfig:
 
         check_types(self)
         positive = ("epochs", "batch_size", "num_seeds", "eval_batch_size", "synthetic_size",
-                    "log_every", "max_skipped", "keep_checkpoints", "steps_per_call")
+                    "log_every", "max_skipped", "keep_checkpoints")
         non_negative = ("eval_every", "checkpoint_every", "warmup_steps", "crop_padding", "seed_chunk",
-                        "devices", "cpu_devices", "weight_decay", "clip_norm")
+                        "steps_per_call", "devices", "cpu_devices", "weight_decay", "clip_norm")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
@@ -359,7 +359,9 @@ FLAG_HELP = {
     "num_seeds": "train this many models (seeds seed..seed+N-1) in one vmapped program",
     "seed_parallel": "shard the seed axis over devices instead of each seed's batch",
     "seed_chunk": "seeds each device computes at a time; 0 = as many as fit in free memory",
-    "steps_per_call": "training steps fused into one compiled call (lax.scan); 1 = off",
+    "steps_per_call": "training steps fused into one compiled call (lax.scan); 1 = off, "
+                      "0 = auto: fused on one CPU device for models without convolutions (the "
+                      "MLP), in calls that end on every log, eval and checkpoint step",
     "data_placement": "where the training split lives: device (batches gathered in the "
                       "step), host (prefetched batches) or auto (device when it fits)",
     "cpu_devices": "make this host's CPU N XLA devices before JAX starts, so the step runs "

@@ -230,6 +230,45 @@ def test_steps_per_call_trains_like_single_steps(tmp_path):
     assert {r["step"] for r in lines[6] if r["split"] == "train"} >= {20}
 
 
+def test_auto_steps_per_call_fuses_conv_free_models_on_one_cpu_device():
+    auto = functools.partial(loop.auto_steps_per_call, platform="cpu", strategy_kind="none",
+                             seeded=False, per_epoch=20)
+    mlp = DEFAULTS.replace(steps_per_call=0)  # eval every epoch, log every 50 steps
+    assert auto(mlp) == 10  # divides 20 and 50: calls end on every eval and log step
+    assert auto(mlp.replace(log_every=20)) == 20
+    assert auto(mlp.replace(log_every=24, eval_every=80)) == 8
+    assert auto(mlp.replace(log_every=60, eval_every=60)) == 30
+    assert auto(mlp.replace(log_every=128, eval_every=128)) == 32  # capped
+    assert auto(mlp.replace(checkpoint_every=7)) == 1
+    assert auto(mlp.replace(steps_per_call=3)) == 3  # an explicit value is kept
+    assert auto(mlp.replace(model="cnn")) == 1  # a conv step inside lax.scan is slower on CPU
+    assert auto(mlp, platform="gpu") == 1
+    assert auto(mlp, strategy_kind="mesh") == 1
+    assert auto(mlp, seeded=True) == 1
+
+
+def test_auto_steps_per_call_writes_what_single_steps_write(tmp_path):
+    """The default (auto) fuses the digits MLP on one CPU device; its files match --steps-per-call 1."""
+    lines, params = {}, {}
+    for k in (1, 0):
+        workdir = str(tmp_path / f"k{k}")
+        summary = loop.train_and_evaluate(
+            FAST.replace(parallel="none", steps_per_call=k, log_every=4), workdir)
+        assert summary["steps_per_call"] == (1 if k else 4)
+        params[k] = load_params(workdir)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            lines[k] = [json.loads(line) for line in f]
+    assert _max_diff(params[1], params[0]) < 1e-6
+    assert [(r["step"], r["split"]) for r in lines[0]] == [(r["step"], r["split"]) for r in lines[1]]
+    for a, b in zip(lines[0], lines[1]):
+        assert a.keys() == b.keys()
+        for name, value in a.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(b[name], rel=1e-5, abs=1e-6), name
+            else:
+                assert value == b[name], name
+
+
 def test_steps_per_call_refuses_several_devices_and_seeds(tmp_path):
     with pytest.raises(ConfigError, match="--steps-per-call 4 needs one device"):
         loop.train_and_evaluate(FAST.replace(parallel="mesh", steps_per_call=4),
