@@ -105,6 +105,62 @@ def _tree_snapshot(root) -> dict[str, tuple]:
 # ----------------------------------------------------------------------------- in process
 
 
+class RaiseAt:
+    """A metric writer that raises once ``step`` is logged (a run that stops on an error)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def write(self, step, split, metrics) -> None:
+        if split == "train" and step >= self.step:
+            raise RuntimeError(f"stopped at step {step}")
+
+    def close(self) -> None:
+        pass
+
+
+def test_held_best_checkpoints_leave_the_same_files(tmp_path, monkeypatch):
+    """A best found within BEST_WRITE_INTERVAL_S of the last best write is held and written
+    before any later checkpoint, on preemption and when the run stops on an error: the
+    files are those of writing every best at once, and a resume is still exact."""
+    import jaxtrain.loop as loop_lib
+
+    config = BASE.replace(checkpoint_every=0)  # checkpoints: the best ones and the last
+    saves: list[int] = []
+    save = Checkpointer.save
+    monkeypatch.setattr(Checkpointer, "save",
+                        lambda self, step, *a, **k: (saves.append(step), save(self, step, *a, **k)))
+
+    def files(workdir):
+        reader = Checkpointer(workdir, read_only=True, best_metric="val_accuracy")
+        return reader.all_steps(), reader.best_step()
+
+    monkeypatch.setattr(loop_lib, "BEST_WRITE_INTERVAL_S", 0.0)  # every best at once
+    train_and_evaluate(config, str(tmp_path / "eager"))
+    eager, improved = list(saves), saves[:-1]
+    assert eager[-1] == TOTAL_STEPS and improved and improved[0] == 20
+
+    monkeypatch.setattr(loop_lib, "BEST_WRITE_INTERVAL_S", 1e9)
+    saves.clear()
+    train_and_evaluate(config, str(tmp_path / "held"))
+    assert saves == [improved[-1], TOTAL_STEPS]  # the held best, written before the last one
+    assert files(str(tmp_path / "held")) == files(str(tmp_path / "eager"))
+
+    saves.clear()  # preempted with a best held: it is written, then step 45
+    workdir = str(tmp_path / "preempted")
+    with pytest.raises(Preempted):
+        train_and_evaluate(config, workdir, writer=SignalAt(45))
+    assert saves == [max(s for s in improved if s < 45), 45]
+    train_and_evaluate(config, workdir)
+    assert _params_equal(load_params(workdir), load_params(str(tmp_path / "eager")))
+    assert _records(workdir) == _records(str(tmp_path / "eager"))
+
+    saves.clear()  # a run stopped by an error still writes the best it held
+    with pytest.raises(RuntimeError, match="stopped at step 25"):
+        train_and_evaluate(config, str(tmp_path / "failed"), writer=RaiseAt(25))
+    assert saves == [20] and files(str(tmp_path / "failed"))[0] == [20]
+
+
 @pytest.mark.parametrize("signum,status", [
     (signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),
 ], ids=["SIGTERM", "SIGINT"])
