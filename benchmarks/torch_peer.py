@@ -23,9 +23,11 @@ reported as ratios jaxtrain / PyTorch):
   (jaxtrain end to end, PyTorch ``train_eval_s``). A floor comes with them
   (``steps_only``): the run's training steps alone, already compiled, one
   ``lax.scan`` per epoch; PyTorch's ``train_eval_s`` over it bounds the speedup any
-  jaxtrain loop could show. The warm-cache run and PyTorch's alternate
-  ``--mlp-rounds`` times (a process each), and the ratio of every adjacent pair is
-  kept (``warm_vs_torch_rounds``).
+  jaxtrain loop could show. ``--mlp-rounds`` rounds of warm-cache runs follow, a
+  process each: jaxtrain's defaults, each ``--steps-per-call`` variant, then
+  PyTorch; every jaxtrain run's ratio to its round's PyTorch run is kept
+  (``warm_vs_torch_rounds``, the defaults' at the top level, each variant's under
+  ``variants``).
 - ``cnn``: MNIST-shape CNN (batch 128) training steps/s, jaxtrain variants
   (layout, precision, XLA flags, im2col convolution, matmul weight gradients, elementwise
   max-pool gradient) against PyTorch eager. A first round tries PyTorch's NCHW and
@@ -697,24 +699,36 @@ def suite_mlp(args, threads) -> dict[str, Any]:
     jax_runs = {
         "jaxtrain, cold compile cache": _run("jax_train", {"epochs": epochs, "cache": cache}, args),
     }
-    # jaxtrain's warm-cache run and PyTorch's, alternated --mlp-rounds times (a process
-    # each, seconds apart): the ratio of each adjacent pair, so a slow spell of this
-    # shared machine counts on both sides; the first pair is the table's
-    pairs = [(_run("jax_train", {"epochs": epochs, "cache": cache}, args),
-              _run("torch_train", {"epochs": epochs, "threads": threads}, args))
-             for _ in range(max(args.mlp_rounds, 1))]
-    jax_runs["jaxtrain, warm compile cache"], torch_run = pairs[0]
-    for k in args.steps_per_call:  # the first run compiles the fused step, the second reuses it
-        for start in ("cold", "warm"):
-            jax_runs[f"jaxtrain, steps-per-call {k}, {start} cache"] = _run(
-                "jax_train", {"epochs": epochs, "cache": cache, "steps_per_call": k}, args)
+    for k in args.steps_per_call:  # compiles each variant's step into the cache
+        jax_runs[f"jaxtrain, steps-per-call {k}, cold cache"] = _run(
+            "jax_train", {"epochs": epochs, "cache": cache, "steps_per_call": k}, args)
+    # Rounds of warm-cache runs, a process each, seconds apart: jaxtrain's defaults, each
+    # --steps-per-call variant, then PyTorch; --mlp-rounds of them. Every jaxtrain run's
+    # ratio is taken against its round's PyTorch run, so a slow spell of this shared
+    # machine counts on both sides; the first round is the table's.
+    variants = {"jaxtrain, warm compile cache": {}}
+    variants.update({f"jaxtrain, steps-per-call {k}, warm cache": {"steps_per_call": k}
+                     for k in args.steps_per_call})
+    played = []
+    for _ in range(max(args.mlp_rounds, 1)):
+        runs = {name: _run("jax_train", {"epochs": epochs, "cache": cache, **extra}, args)
+                for name, extra in variants.items()}
+        played.append((runs, _run("torch_train", {"epochs": epochs, "threads": threads}, args)))
+    jax_runs.update(played[0][0])
+    torch_run = played[0][1]
     floor = _run("jax_steps_only", {"epochs": epochs}, args)
-    rounds = [{"jax_train_eval_s": j.get("train_eval_s"), "torch_train_eval_s": t.get("train_eval_s"),
-               "speedup_vs_torch_train_eval": common.ratio(t.get("train_eval_s"),
-                                                           j.get("train_eval_s")),
-               "speedup_vs_torch_end_to_end": common.ratio(t.get("end_to_end_s"),
-                                                           j.get("end_to_end_s"))}
-              for j, t in pairs]
+
+    def versus(j, t):
+        return {"jax_train_eval_s": j.get("train_eval_s"),
+                "torch_train_eval_s": t.get("train_eval_s"),
+                "speedup_vs_torch_train_eval": common.ratio(t.get("train_eval_s"),
+                                                            j.get("train_eval_s")),
+                "speedup_vs_torch_end_to_end": common.ratio(t.get("end_to_end_s"),
+                                                            j.get("end_to_end_s"))}
+
+    rounds = [{**versus(runs["jaxtrain, warm compile cache"], t),
+               "variants": {name: versus(j, t) for name, j in runs.items()}}
+              for runs, t in played]
     rows, out = [], []
     for name, r in [*jax_runs.items(), ("pytorch eager", torch_run)]:
         speedup = common.ratio(torch_run.get("wall_s"), r.get("wall_s"))
@@ -732,12 +746,12 @@ def suite_mlp(args, threads) -> dict[str, Any]:
     bound = common.ratio(torch_run.get("train_eval_s"), floor.get("steps_only_s"))
     rows.append(["jaxtrain steps only (floor)", None, None, None, floor.get("steps_only_s"),
                  bound, floor.get("steps_per_s"), None, "error" if "error" in floor else ""])
-    paired = [r["speedup_vs_torch_train_eval"] for r in rounds
-              if r["speedup_vs_torch_train_eval"]]
-    if paired:
-        print(f"warm cache against PyTorch, {len(paired)} alternating pair(s): train_eval "
-              f"speedup {min(paired):.2f}-{max(paired):.2f}, median "
-              f"{statistics.median(paired):.2f}")
+    for name in variants:
+        paired = [r["variants"][name]["speedup_vs_torch_train_eval"] for r in rounds
+                  if r["variants"][name]["speedup_vs_torch_train_eval"]]
+        if paired:
+            print(f"{name} against PyTorch, {len(paired)} round(s): train_eval speedup "
+                  f"{min(paired):.2f}-{max(paired):.2f}, median {statistics.median(paired):.2f}")
     flops_s = floor.get("achieved_flops_per_s")
     matmul_s = floor.get("matmul_1024_flops_per_s")
     print(f"steps only: {floor.get('steps', '?')} steps in {floor.get('steps_only_s', 0):.3f} s "
