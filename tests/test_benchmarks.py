@@ -214,20 +214,32 @@ def test_unstack_steps_splits_fused_metrics_only():
 
 
 def test_steps_per_call_trains_like_single_steps(tmp_path):
-    """K fused steps (plus single steps at the epoch boundary) = the same run."""
+    """K fused steps (plus single steps at the epoch boundary) = the same run; so is the
+    default, auto, which fuses the digits MLP on one CPU device in calls ending on every
+    log and eval step, and so writes the same files."""
     params, lines = {}, {}
-    for k in (1, 6):  # 20 steps per epoch: calls of 6, 6, 6, then 1, 1
+    for k in (1, 6, 0):  # 20 steps per epoch: calls of 6, 6, 6, then 1, 1; auto: 5 (log every 5)
         workdir = str(tmp_path / f"k{k}")
-        loop.train_and_evaluate(FAST.replace(parallel="none", steps_per_call=k, log_every=5),
-                                workdir)
+        summary = loop.train_and_evaluate(
+            FAST.replace(parallel="none", steps_per_call=k, log_every=5), workdir)
+        assert summary["steps_per_call"] == (k or 5)
         params[k] = load_params(workdir)
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             lines[k] = [json.loads(line) for line in f]
-    assert _max_diff(params[1], params[6]) < 1e-6
+    assert _max_diff(params[1], params[6]) < 1e-6 and _max_diff(params[1], params[0]) < 1e-6
     val = {k: [(r["step"], r["accuracy"]) for r in v if r["split"] == "val"]
            for k, v in lines.items()}
     assert val[1] == val[6] and val[1][0][0] == 20
     assert {r["step"] for r in lines[6] if r["split"] == "train"} >= {20}
+    # auto: every line of the single-step run, at the same steps, with the same values
+    assert [(r["step"], r["split"]) for r in lines[0]] == [(r["step"], r["split"]) for r in lines[1]]
+    for a, b in zip(lines[0], lines[1]):
+        assert a.keys() == b.keys()
+        for name, value in a.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(b[name], rel=1e-5, abs=1e-6), name
+            else:
+                assert value == b[name], name
 
 
 def test_auto_steps_per_call_fuses_conv_free_models_on_one_cpu_device():
@@ -245,28 +257,6 @@ def test_auto_steps_per_call_fuses_conv_free_models_on_one_cpu_device():
     assert auto(mlp, platform="gpu") == 1
     assert auto(mlp, strategy_kind="mesh") == 1
     assert auto(mlp, seeded=True) == 1
-
-
-def test_auto_steps_per_call_writes_what_single_steps_write(tmp_path):
-    """The default (auto) fuses the digits MLP on one CPU device; its files match --steps-per-call 1."""
-    lines, params = {}, {}
-    for k in (1, 0):
-        workdir = str(tmp_path / f"k{k}")
-        summary = loop.train_and_evaluate(
-            FAST.replace(parallel="none", steps_per_call=k, log_every=4), workdir)
-        assert summary["steps_per_call"] == (1 if k else 4)
-        params[k] = load_params(workdir)
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            lines[k] = [json.loads(line) for line in f]
-    assert _max_diff(params[1], params[0]) < 1e-6
-    assert [(r["step"], r["split"]) for r in lines[0]] == [(r["step"], r["split"]) for r in lines[1]]
-    for a, b in zip(lines[0], lines[1]):
-        assert a.keys() == b.keys()
-        for name, value in a.items():
-            if isinstance(value, float):
-                assert value == pytest.approx(b[name], rel=1e-5, abs=1e-6), name
-            else:
-                assert value == b[name], name
 
 
 def test_steps_per_call_refuses_several_devices_and_seeds(tmp_path):
