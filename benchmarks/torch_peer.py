@@ -905,7 +905,7 @@ def parse_args(argv):
                    help="PyTorch CPU thread counts to try (default: 1..cores, doubling)")
     p.add_argument("--epochs", type=int, default=30, help="digits MLP epochs")
     p.add_argument("--mlp-rounds", type=int, default=3,
-                   help="mlp suite: jaxtrain warm-cache / PyTorch run pairs, alternated")
+                   help="mlp suite: rounds of warm-cache runs (jaxtrain variants, then PyTorch)")
     p.add_argument("--steps-per-call", type=lambda s: [int(v) for v in s.split(",") if v],
                    default=[1], help="--steps-per-call values to also run in the mlp suite "
                    "(its default runs use the loop's default, auto; 1 = one step per call)")
