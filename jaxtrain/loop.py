@@ -894,7 +894,7 @@ def train_and_evaluate(
         guard.restore()
         profiler.close()
         progress.close()
-        if held and nproc == 1:  # a run that stops early still leaves its best on disk
+        if held:  # a run that stops early still leaves its best on disk (held: one process)
             held_step = held[0][0]
             try:
                 write_held()
