@@ -84,7 +84,8 @@ class TrainConfig:
     # devices and hosts
     parallel: Literal["auto", "none", "pmap", "mesh"] = "auto"
     devices: int = 0
-    # make this host's CPU this many XLA devices (0 = JAX's default); see FLAG_HELP
+    # make this host's CPU this many XLA devices; 0 = auto (loop.resolve_cpu_devices:
+    # one per core for the CNN at batches that keep each core busy, else JAX's one)
     cpu_devices: int = 0
     coordinator_address: str | None = None
     num_processes: int | None = None
@@ -365,8 +366,9 @@ FLAG_HELP = {
     "data_placement": "where the training split lives: device (batches gathered in the "
                       "step), host (prefetched batches) or auto (device when it fits)",
     "cpu_devices": "make this host's CPU N XLA devices before JAX starts, so the step runs "
-                   "data-parallel over the cores (--parallel auto); 1.4-2.5x for the MNIST CNN "
-                   "on 2 cores, slower for tiny MLPs; 0 = JAX's default (one device)",
+                   "data-parallel over the cores (--parallel auto); 0 = auto: for the CNN, "
+                   "the most devices (<= cores) that divide the batch and keep >= 32768 input "
+                   "pixels per device (MNIST at batch 128: 2), else one; 1 = one device",
 }
 
 

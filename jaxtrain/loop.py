@@ -37,7 +37,15 @@ from jaxtrain.config import ConfigError, TrainConfig, check_model_input, check_p
 from jaxtrain.manifest import build_manifest
 from jaxtrain.models import create_model
 from jaxtrain.optim import create_optimizer, create_schedule
-from jaxtrain.parallel import Strategy, create_strategy, prefetch, use_cpu_devices
+from jaxtrain.parallel import (
+    Strategy,
+    auto_cpu_devices,
+    create_strategy,
+    local_cpu_device_count,
+    prefetch,
+    usable_cores,
+    use_cpu_devices,
+)
 from jaxtrain.profiling import StepProfiler
 from jaxtrain.seeds import (
     SeedPlacement,
@@ -364,6 +372,31 @@ def auto_steps_per_call(
     return max(k for k in range(1, min(every, AUTO_MAX_STEPS_PER_CALL) + 1) if every % k == 0)
 
 
+def resolve_cpu_devices(config: TrainConfig, image_shape: tuple[int, ...]) -> int:
+    """``config.cpu_devices``, or for 0 (auto) the CPU devices to make (0 = JAX's one).
+
+    Auto splits a single-process, one-seed run with every device and the default
+    one step per call (``--parallel`` auto, mesh or pmap) by ``parallel.auto_cpu_devices``'s
+    rule, unless the device count is already fixed (``JAX_NUM_CPU_DEVICES``,
+    ``--xla_force_host_platform_device_count`` or ``jax_num_cpu_devices`` set).
+    Harmless on a GPU host: the CPU devices it makes go unused."""
+    if config.cpu_devices:
+        return config.cpu_devices
+    try:
+        group = distributed.detect(config.coordinator_address, config.num_processes,
+                                   config.process_id)
+    except distributed.DistributedError:  # distributed.initialize says why
+        return 0
+    if (group is not None or config.num_seeds > 1 or config.parallel == "none"
+            or config.devices or config.steps_per_call > 1
+            or "JAX_NUM_CPU_DEVICES" in os.environ
+            or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+            or jax.config.jax_num_cpu_devices != -1):
+        return 0
+    return auto_cpu_devices(config.model, config.batch_size, tuple(image_shape[:2]),
+                            usable_cores())
+
+
 def call_plan(
     start: int, total: int, k: int, boundaries: tuple[int, ...]
 ) -> list[tuple[int, int]]:
@@ -531,9 +564,20 @@ def train_and_evaluate(
     config = config.replace(workdir=workdir)
     check_paths(config)  # read-only: a bad --workdir fails before anything is written
 
+    # --- data (host arrays only: before the devices, whose count auto takes from them) --
+    dataset = data_lib.load_dataset(
+        config.dataset,
+        val_fraction=config.val_fraction,
+        data_dir=config.data_dir,
+        synthetic_size=config.synthetic_size,
+        synthetic_shape=tuple(config.synthetic_shape),
+        synthetic_classes=config.synthetic_classes,
+    )
+
     # --- devices ---------------------------------------------------------------------
     # Joins a multi-process run (flags or SLURM / Open MPI) before anything touches a device.
-    use_cpu_devices(config.cpu_devices)
+    use_cpu_devices(resolve_cpu_devices(config, dataset.image_shape),
+                    strict=bool(config.cpu_devices))
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
     is_main = jax.process_index() == 0
     strategy = create_strategy(config.parallel, config.devices)
@@ -547,15 +591,6 @@ def train_and_evaluate(
                           f"(--parallel none or --devices 1), not --parallel {strategy.kind}")
     eval_batch = -(-config.eval_batch_size // strategy.shards) * strategy.shards
 
-    # --- data ------------------------------------------------------------------------
-    dataset = data_lib.load_dataset(
-        config.dataset,
-        val_fraction=config.val_fraction,
-        data_dir=config.data_dir,
-        synthetic_size=config.synthetic_size,
-        synthetic_shape=tuple(config.synthetic_shape),
-        synthetic_classes=config.synthetic_classes,
-    )
     n_train = len(dataset.train["label"])
     if n_train < config.batch_size:
         raise ConfigError(
@@ -607,6 +642,7 @@ def train_and_evaluate(
         manifest = build_manifest(config, strategy, dataset)
         manifest["data"]["resident"] = resident
         manifest["steps_per_call"] = steps_per_call
+        manifest["cpu_devices"] = local_cpu_device_count()
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(manifest, f, indent=2)
         writers.extend(create_writers(

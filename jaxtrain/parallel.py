@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import queue
 import threading
 import time
@@ -219,15 +220,62 @@ class Throttled:
         return getattr(self._fn, name)
 
 
-def use_cpu_devices(n: int) -> None:
+# ``--cpu-devices 0`` (auto) splits these models' steps over the cores ...
+AUTO_CPU_SPLIT_MODELS = frozenset({"cnn"})
+# ... while each device still gets this many input pixels per step (batch / n * H * W).
+# Measured on 2 cores (benchmarks.throughput, MNIST-shape CNN, 2 devices against one):
+# batch 128 (50k pixels per device) 1.17-1.46x; batch 64 (25k) 0.79-0.93x; batch 32
+# 0.73-0.81x; the 8x8 digits at batch 128 (4k) 0.51-0.60x. ResNet-18 at CIFAR shape,
+# batch 32, was 0.73x (its large convolutions already use every core), so it is not split.
+AUTO_CPU_MIN_PIXELS_PER_DEVICE = 2**15
+# Never more than this many (each holds its own copy of device-resident data; more than
+# 2 was never measured faster).
+AUTO_CPU_MAX_DEVICES = 8
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's or
+    ``taskset``'s share, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_cpu_devices(model: str, batch_size: int, image_hw: tuple[int, int], cores: int) -> int:
+    """The CPU devices ``--cpu-devices 0`` (auto) makes, 0 for JAX's default (one).
+
+    For ``AUTO_CPU_SPLIT_MODELS``: the most devices, at most ``cores`` and
+    ``AUTO_CPU_MAX_DEVICES``, that divide ``batch_size`` and still give each device
+    ``AUTO_CPU_MIN_PIXELS_PER_DEVICE`` input pixels per step. Anything else, or when no such count above 1 exists, 0.
+    Pure: the caller decides whether auto applies at all (``loop.resolve_cpu_devices``).
+    """
+    if model not in AUTO_CPU_SPLIT_MODELS:
+        return 0
+    pixels = image_hw[0] * image_hw[1]
+    fits = [n for n in range(2, min(cores, AUTO_CPU_MAX_DEVICES) + 1)
+            if batch_size % n == 0 and batch_size // n * pixels >= AUTO_CPU_MIN_PIXELS_PER_DEVICE]
+    return max(fits, default=0)
+
+
+def local_cpu_device_count() -> int:
+    """This process's CPU devices, 0 where JAX runs without its CPU backend
+    (``JAX_PLATFORMS=cuda``)."""
+    try:
+        return len(jax.local_devices(backend="cpu"))
+    except RuntimeError:
+        return 0
+
+
+def use_cpu_devices(n: int, *, strict: bool = True) -> None:
     """Makes this host's CPU ``n`` XLA devices (``jax_num_cpu_devices``); 0 does nothing.
 
-    XLA:CPU runs one device's program on about one core (its convolutions are
-    single-threaded), so on a CPU-only host a data-parallel step over one device
-    per core is the way to use them all (``benchmarks/results``: 1.4-2.5x for the
-    MNIST CNN on 2 cores; tiny MLPs get slower). Must run before JAX starts its
-    backends; after, it raises ``ParallelError`` unless the CPU already has ``n``
-    devices.
+    XLA:CPU runs much of one device's program on one core, so on a CPU-only host a
+    data-parallel step over one device per core can use them all (``benchmarks/
+    results``: 1.2-1.5x for the MNIST CNN at batch 128 on 2 cores; tiny MLPs and
+    small batches get slower). Must run before JAX starts its backends; after, it
+    raises ``ParallelError`` unless the CPU already has ``n`` devices, or with
+    ``strict=False`` (auto's choice, not the user's) leaves the devices as they are.
     """
     if n <= 0:
         return
@@ -235,7 +283,7 @@ def use_cpu_devices(n: int) -> None:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:  # the backends are up: fine only if they already agree
         have = len(jax.devices("cpu"))
-        if have != n:
+        if have != n and strict:
             raise ParallelError(
                 f"--cpu-devices {n} must be set before JAX starts (this process already has "
                 f"{have} CPU device(s)); start a new process or set JAX_NUM_CPU_DEVICES={n}"

@@ -410,28 +410,94 @@ def test_cli_rejects_an_indivisible_batch_before_compiling(tmp_path):
     assert not workdir.exists() or not any(workdir.iterdir())
 
 
-def test_cpu_devices_flag_trains_data_parallel_over_the_cores_like_one_device(tmp_path):
-    """``--cpu-devices 2`` in a fresh process (no forced device count) makes two CPU
-    devices and trains over both (``--parallel auto`` = mesh), matching one device."""
+def test_auto_cpu_devices_splits_the_cnn_while_each_device_gets_enough_pixels():
+    from jaxtrain.parallel import AUTO_CPU_MIN_PIXELS_PER_DEVICE, auto_cpu_devices
+
+    assert AUTO_CPU_MIN_PIXELS_PER_DEVICE == 2**15  # the figures below assume it
+    assert auto_cpu_devices("cnn", 128, (28, 28), cores=2) == 2  # 64 * 784 = 50k pixels
+    assert auto_cpu_devices("cnn", 128, (28, 28), cores=16) == 2  # 4 devices: 25k
+    assert auto_cpu_devices("cnn", 512, (28, 28), cores=16) == 8  # 64 * 784 each
+    assert auto_cpu_devices("cnn", 4096, (28, 28), cores=64) == 8  # AUTO_CPU_MAX_DEVICES
+    assert auto_cpu_devices("cnn", 64, (28, 28), cores=2) == 0  # 32 * 784 = 25k: slower
+    assert auto_cpu_devices("cnn", 128, (8, 8), cores=2) == 0  # digits: 4k pixels
+    assert auto_cpu_devices("cnn", 128, (28, 28), cores=1) == 0
+    assert auto_cpu_devices("cnn", 96, (32, 32), cores=4) == 3  # 3 divides 96; 4 does not fit
+    assert auto_cpu_devices("cnn", 127, (64, 64), cores=8) == 0  # prime batch: no split
+    for model in ("mlp", "resnet18", "cnn_xlaconv"):
+        assert auto_cpu_devices(model, 4096, (32, 32), cores=8) == 0
+
+
+def test_resolve_cpu_devices_applies_auto_only_where_the_run_is_free_to_split(monkeypatch):
+    """Auto (0) defers to every setting that fixes the device count or the run's shape."""
+    from jaxtrain import loop
+
+    monkeypatch.setattr(loop, "usable_cores", lambda: 4)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    base = TrainConfig(model="cnn", dataset="synthetic", batch_size=128)
+
+    def resolve(image_shape=(28, 28, 1), **changes):
+        return loop.resolve_cpu_devices(base.replace(**changes), image_shape)
+
+    assert resolve() == 2
+    assert resolve(batch_size=256) == 4
+    assert resolve(cpu_devices=3) == 3  # the user's count, whatever the model
+    assert resolve(model="mlp", cpu_devices=2) == 2
+    assert resolve(model="mlp") == 0
+    assert resolve((8, 8, 1)) == 0
+    for changes in ({"num_seeds": 2}, {"parallel": "none"}, {"devices": 2},
+                    {"steps_per_call": 4}, {"coordinator_address": "127.0.0.1:1234",
+                                            "num_processes": 2, "process_id": 0}):
+        assert resolve(**changes) == 0, changes
+    assert resolve(parallel="pmap") == 2
+    assert resolve(steps_per_call=1) == 2
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")  # a cluster's processes: never split
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node1")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert resolve() == 0
+    for name in ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_STEP_NODELIST", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4")
+    assert resolve() == 0
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert resolve() == 0
+
+
+def test_auto_cpu_devices_trains_the_cnn_over_the_cores_like_one_device(tmp_path):
+    """A fresh process with no device count fixed (``--cpu-devices`` left at auto)
+    splits the MNIST-shape CNN at batch 128 over the cores (``--parallel auto`` =
+    mesh), records the count, and trains as one device does."""
     from jaxtrain.loop import train_and_evaluate
+    from jaxtrain.parallel import auto_cpu_devices, usable_cores
 
-    flags = ["--epochs", "2", "--progress", "none", "--compilation-cache", ""]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    want = auto_cpu_devices("cnn", 128, (28, 28), usable_cores())
+    if want < 2:
+        pytest.skip(f"auto makes no split on {usable_cores()} core(s)")
+    flags = ["--dataset", "synthetic", "--synthetic-shape", "28,28,1", "--synthetic-size", "320",
+             "--epochs", "1", "--eval-batch-size", "128", "--progress", "none",
+             "--compilation-cache", ""]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    env.update({"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.digits_mlp", "--workdir", str(tmp_path / "two"),
-         "--cpu-devices", "2", *flags], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=300, check=False)
+        [sys.executable, "-m", "experiments.mnist_cnn", "--workdir", str(tmp_path / "auto"),
+         *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
-    two = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert (two["num_devices"], two["strategy"]) == (2, "mesh")
+    auto = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert (auto["num_devices"], auto["strategy"]) == (want, "mesh")
+    manifest = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert (manifest["cpu_devices"], manifest["config"]["cpu_devices"]) == (want, 0)
 
-    from experiments.digits_mlp import DEFAULTS
+    from experiments.mnist_cnn import DEFAULTS
 
-    one = train_and_evaluate(DEFAULTS.replace(epochs=2, progress="none", compilation_cache="",
-                                              parallel="none"), str(tmp_path / "one"))
-    assert one["num_devices"] == 1
-    assert two["test_accuracy"] == one["test_accuracy"]
-    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
+    one = train_and_evaluate(
+        DEFAULTS.replace(dataset="synthetic", synthetic_shape=(28, 28, 1), synthetic_size=320,
+                         epochs=1, eval_batch_size=128, progress="none", compilation_cache="",
+                         parallel="none"), str(tmp_path / "one"))
+    assert one["num_devices"] == 1 and one["steps"] == auto["steps"] > 0
+    assert auto["test_accuracy"] == one["test_accuracy"]
+    assert auto["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- placement
