@@ -72,11 +72,14 @@ def _on_cpu_devices(kind: str, n: int = 2, flags: str = "",
 
 
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+AUTO_VARIANT = "the loop's default (auto CPU devices)"
 CONV_ENV = "JAXTRAIN_XLA_CPU_CONV"  # jaxtrain.compile_options.ENV (not imported: jax-free parent)
 
 # jaxtrain CNN variants for the MNIST-shape comparison: name -> (case changes, XLA flags).
 CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "baseline (NHWC f32)": ({}, ""),
+    # what a run with the loop's defaults gets: --cpu-devices auto's split on this host
+    AUTO_VARIANT: ({}, ""),
     "bf16": ({"dtype": "bfloat16"}, ""),
     "NCHW layout": ({"model": "cnn_nchw"}, ""),
     "im2col conv": ({"model": "cnn_im2col"}, ""),
@@ -771,6 +774,15 @@ def suite_mlp(args, threads) -> dict[str, Any]:
             "steps_only": {**floor, "speedup_bound_vs_torch_train_eval": bound}}
 
 
+def _auto_cpu_devices_variant(base: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """``AUTO_VARIANT`` on this host: the split ``--cpu-devices 0`` makes for ``base``
+    (MNIST shape), or one device where it makes none."""
+    from jaxtrain.parallel import auto_cpu_devices, usable_cores  # imports jax, starts nothing
+
+    n = auto_cpu_devices(base["model"], base["batch_size"], (28, 28), usable_cores())
+    return _on_cpu_devices("mesh", n) if n > 1 else ({}, "")
+
+
 def suite_cnn(args, threads, platform: str) -> dict[str, Any]:
     base = {"model": "cnn", "data": "mnist", "batch_size": args.cnn_batch_size,
             "seconds": args.seconds, "repeats": args.repeats, "synthetic_size": 2048}
@@ -801,6 +813,8 @@ def suite_cnn(args, threads, platform: str) -> dict[str, Any]:
                    "threads": [best["best_threads"]]} if best_name else None)
     rows, out = [], []
     for name, (changes, flags) in variants.items():
+        if name == AUTO_VARIANT and platform == "cpu":
+            changes, flags = _auto_cpu_devices_variant(base)
         changes = dict(changes)
         env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
                **changes.pop("env", {})}

@@ -259,6 +259,16 @@ def test_auto_steps_per_call_fuses_conv_free_models_on_one_cpu_device():
     assert auto(mlp, seeded=True) == 1
 
 
+def test_torch_peer_default_cnn_variant_is_what_auto_cpu_devices_picks(monkeypatch):
+    from jaxtrain import parallel
+
+    assert torch_peer.AUTO_VARIANT in torch_peer.CNN_VARIANTS
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    assert torch_peer._auto_cpu_devices_variant({"model": "cnn", "batch_size": 128}) == (
+        {"parallel": "mesh", "devices": 2}, "--xla_force_host_platform_device_count=2")
+    assert torch_peer._auto_cpu_devices_variant({"model": "cnn", "batch_size": 16}) == ({}, "")
+
+
 def test_steps_per_call_refuses_several_devices_and_seeds(tmp_path):
     with pytest.raises(ConfigError, match="--steps-per-call 4 needs one device"):
         loop.train_and_evaluate(FAST.replace(parallel="mesh", steps_per_call=4),
