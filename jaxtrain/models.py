@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtrain.compile_options import compiler_options
-from jaxtrain.conv import MatmulGradConv, is_narrow, nn_conv_params
+from jaxtrain.conv import MatmulGradConv, conv_nhwc, is_narrow, nn_conv_params
 from jaxtrain.pooling import relu_max_pool_2x2
 
 Dtype = Any
@@ -94,7 +94,12 @@ def _auto_conv(narrow: bool) -> str:
     if narrow:
         return "taps"
     one_device = jax.local_device_count() == 1
-    return "matmul_grad" if one_device and compiler_options("cpu") is None else "xla"
+    return "matmul_grad" if one_device and compiler_options("cpu") is None else "nhwc_vjp"
+
+
+# XLA's convolution with conv.conv_nhwc's backward: nn.Conv's parameters and values,
+# gradients XLA:CPU keeps on Eigen inside loops (fused steps, attacks, seed chunks).
+NhwcVjpConv = functools.partial(nn.Conv, conv_general_dilated=conv_nhwc)
 
 
 class CNN(nn.Module):
@@ -104,6 +109,8 @@ class CNN(nn.Module):
     (checkpoints do not care which; measurements: ``jaxtrain.conv``):
 
     - ``"xla"``: XLA's convolution;
+    - ``"nhwc_vjp"``: XLA's, with ``conv.conv_nhwc``'s backward (the gradients in the
+      layout XLA:CPU runs on Eigen inside loops too);
     - ``"matmul_grad"``: XLA's, with its weight gradient as matmuls
       (``conv.conv_same``);
     - ``"taps"``: layers with a narrow input (``kh * kw * C <= 32``: the first)
@@ -111,7 +118,7 @@ class CNN(nn.Module):
       gradient; the others XLA's;
     - ``"im2col"``: patches + one matmul (``Im2ColConv``);
     - ``"auto"`` (default): on GPUs ``"xla"``; on CPU the narrow first layer as
-      ``"taps"``, the others ``"xla"``, or ``"matmul_grad"`` on a single CPU device
+      ``"taps"``, the others ``"nhwc_vjp"``, or ``"matmul_grad"`` on a single CPU device
       whose programs keep XLA's YNNPACK convolutions (no
       ``compile_options.compiler_options``), where that was 1.28-1.5x faster.
 
@@ -134,7 +141,8 @@ class CNN(nn.Module):
 
     @nn.compact
     def __call__(self, x_BHWC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        convs = {"xla": nn.Conv, "matmul_grad": MatmulGradConv, "im2col": Im2ColConv,
+        convs = {"xla": nn.Conv, "nhwc_vjp": NhwcVjpConv, "matmul_grad": MatmulGradConv,
+                 "im2col": Im2ColConv,
                  "taps": functools.partial(MatmulGradConv, taps=True)}
         if self.conv not in ("auto", *convs) or self.pool not in ("elementwise", "xla"):
             raise ValueError(f"CNN: unknown conv {self.conv!r} or pool {self.pool!r}; conv is "
@@ -167,10 +175,11 @@ class ResidualBlock(nn.Module):
     strides: int
     norm: Callable[..., nn.Module]
     dtype: Dtype = jnp.float32
+    conv: Callable[..., nn.Module] = nn.Conv
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype)
         y = conv(self.features, (3, 3), strides=self.strides)(x)
         y = nn.relu(self.norm()(y))
         y = conv(self.features, (3, 3))(y)
@@ -181,7 +190,11 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR-style ResNet: 3x3 stem (no max-pool), stages of basic blocks, BatchNorm."""
+    """CIFAR-style ResNet: 3x3 stem (no max-pool), stages of basic blocks, BatchNorm.
+
+    ``conv``: ``"xla"`` (``nn.Conv``), ``"nhwc_vjp"`` (``nn.Conv`` with
+    ``conv.conv_nhwc``'s backward) or ``"auto"`` (default): ``"nhwc_vjp"`` on CPU,
+    ``"xla"`` elsewhere. The same parameters either way."""
 
     num_classes: int
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -191,9 +204,17 @@ class ResNet(nn.Module):
     std: Sequence[float] = (1.0,)
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x_BHWC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        kind = self.conv
+        if kind == "auto":
+            kind = "nhwc_vjp" if jax.default_backend() == "cpu" else "xla"
+        if kind not in ("xla", "nhwc_vjp"):
+            raise ValueError(f"ResNet: unknown conv {self.conv!r}; one of 'auto', 'xla', "
+                             "'nhwc_vjp'")
+        conv = NhwcVjpConv if kind == "nhwc_vjp" else nn.Conv
         norm = functools.partial(
             nn.BatchNorm,
             use_running_average=not train,
@@ -203,12 +224,12 @@ class ResNet(nn.Module):
             axis_name=self.axis_name,
         )
         x = Standardize(self.mean, self.std)(x_BHWC).astype(self.dtype)
-        x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
+        x = conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
         x = nn.relu(norm()(x))
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 strides = 2 if i > 0 and j == 0 else 1
-                x = ResidualBlock(self.width * 2**i, strides, norm, self.dtype)(x)
+                x = ResidualBlock(self.width * 2**i, strides, norm, self.dtype, conv)(x)
         x = jnp.mean(x, axis=(1, 2))
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)

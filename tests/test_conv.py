@@ -107,18 +107,23 @@ def test_cnn_conv_auto_picks_a_lowering_per_layer_and_checks_names(monkeypatch):
     cnn = models.create_model("cnn", 10).clone(pool="xla")  # conv "auto"; pool without custom_vjp
     assert jax.default_backend() == "cpu" and jax.local_device_count() == 8  # conftest's devices
     # the narrow first layer (C = 1) is conv_same(taps=True) on CPU; the second XLA's
-    assert _custom_vjps(cnn, x) == 1
+    # convolution with conv_nhwc's backward
+    assert (models._auto_conv(True), models._auto_conv(False)) == ("taps", "nhwc_vjp")
+    assert _custom_vjps(cnn, x) == 2
     assert _custom_vjps(cnn.clone(conv="matmul_grad"), x) == 2
+    assert _custom_vjps(cnn.clone(conv="nhwc_vjp"), x) == 2
     assert _custom_vjps(cnn.clone(conv="taps"), x) == 1
     assert _custom_vjps(cnn.clone(conv="xla"), x) == 0
     monkeypatch.setattr(jax, "local_device_count", lambda: 1)
     # one CPU device: XLA's convolution when jaxtrain's programs take Eigen's
     # (compile_options), its weight gradient as matmuls when they keep YNNPACK's
-    assert _custom_vjps(cnn, x) == (1 if compiler_options("cpu") is not None else 2)
+    assert models._auto_conv(False) == (
+        "nhwc_vjp" if compiler_options("cpu") is not None else "matmul_grad")
     monkeypatch.setenv(compile_options.ENV, "xla")
-    assert _custom_vjps(cnn, x) == 2
+    assert models._auto_conv(False) == "matmul_grad"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert _custom_vjps(cnn, x) == 0  # cuDNN's convolutions throughout
+    assert models._auto_conv(True) == "xla"
     with pytest.raises(ValueError, match="unknown conv 'fast'"):
         models.CNN(10, conv="fast").init(jax.random.key(0), x)
 
@@ -128,7 +133,7 @@ def test_cnn_training_steps_match_between_conv_lowerings():
     x = np.abs(_normal(0, (8, 12, 12, 1)))
     y = np.arange(8, dtype=np.int32)
     losses, key = {}, jax.random.key(3)  # no dropout: the key goes unused
-    for kind in ("xla", "matmul_grad", "taps"):
+    for kind in ("xla", "matmul_grad", "taps", "nhwc_vjp"):
         model = models.CNN(10, features=(8, 16), dense=32, conv=kind)
         init = functools.partial(create_train_state, model, optax.adam(1e-3))
         state = jax.jit(init, compiler_options=FAST)(jax.random.key(2), x[:1])
@@ -140,4 +145,110 @@ def test_cnn_training_steps_match_between_conv_lowerings():
         losses[kind] = out
     np.testing.assert_allclose(losses["matmul_grad"], losses["xla"], rtol=1e-4)
     np.testing.assert_allclose(losses["taps"], losses["xla"], rtol=1e-4)
+    np.testing.assert_allclose(losses["nhwc_vjp"], losses["xla"], rtol=1e-6)
     assert losses["xla"][-1] < losses["xla"][0]
+
+
+# ----------------------------------------------------------------------------- conv_nhwc
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+# strides 1 and 2 (and 3x2), 'SAME', 'VALID' and explicit uneven padding, 1x1, even and
+# non-square kernels, odd input sizes: JAX's VJP rule in every case a ResNet or CNN has
+@pytest.mark.parametrize("shape, kernel, strides, padding", [
+    ((2, 9, 9, 8), (3, 3, 8, 16), (1, 1), "SAME"),
+    ((2, 9, 7, 3), (3, 3, 3, 4), (2, 2), "SAME"),
+    ((2, 8, 8, 4), (1, 1, 4, 8), (2, 2), "VALID"),
+    ((2, 8, 8, 2), (4, 4, 2, 3), (1, 1), "SAME"),
+    ((1, 11, 10, 2), (5, 3, 2, 3), (3, 2), ((2, 1), (0, 3))),
+])
+def test_conv_nhwc_is_lax_conv_values_and_gradients(shape, kernel, strides, padding):
+    x, k = _normal(1, shape), _normal(2, kernel)
+
+    def run(fn):
+        y, vjp = jax.vjp(lambda a, b: fn(a, b, strides, padding, dimension_numbers=NHWC), x, k)
+        return (y, *vjp(_normal(3, y.shape)))
+
+    want, got = run(jax.lax.conv_general_dilated), run(conv.conv_nhwc)
+    for name, a, b in zip(("y", "dx", "dk"), want, got):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_conv_nhwc_passes_other_convolutions_to_lax_unchanged():
+    x, k = _normal(1, (2, 4, 8, 8)), _normal(2, (3, 3, 4, 6))  # NCHW input, HWIO kernel
+    for kwargs in ({"dimension_numbers": ("NCHW", "HWIO", "NCHW")},
+                   {"dimension_numbers": ("NHWC", "HWIO", "NHWC"), "rhs_dilation": (2, 2)},
+                   {"dimension_numbers": ("NHWC", "HWIO", "NHWC"), "feature_group_count": 2}):
+        xx = x if kwargs["dimension_numbers"][0] == "NCHW" else x.transpose(0, 2, 3, 1)
+        kk = k[:, :, :2] if kwargs.get("feature_group_count") else k
+        fn = functools.partial(conv.conv_nhwc, window_strides=(1, 1), padding="SAME", **kwargs)
+        assert "custom_vjp_call" not in str(jax.make_jaxpr(fn)(xx, kk)), kwargs
+        ref = jax.lax.conv_general_dilated(xx, kk, (1, 1), "SAME", **kwargs)
+        np.testing.assert_array_equal(np.asarray(fn(xx, kk)), np.asarray(ref))
+
+
+def _loop_dim_labels(conv_fn) -> set[str]:
+    """The convolutions' layouts after XLA:CPU optimizes 3 gradient steps in a fori_loop."""
+    import re
+
+    def loss(x, k):
+        return jnp.sum(jnp.sin(conv_fn(x, k, (1, 1), "SAME", dimension_numbers=NHWC)))
+
+    def steps(x, k):
+        def body(_, xk):
+            dx, dk = jax.grad(loss, (0, 1))(*xk)
+            return xk[0] - 0.1 * dx, xk[1] - 0.1 * dk
+        return jax.lax.fori_loop(0, 3, body, (x, k))
+
+    options = {**(compiler_options("cpu") or {}), **FAST}
+    hlo = jax.jit(steps, compiler_options=options).lower(
+        _normal(1, (2, 6, 6, 4)), _normal(2, (3, 3, 4, 8))).compile().as_text()
+    return set(re.findall(r"dim_labels=([^,\s]+)", hlo))
+
+
+def test_conv_nhwc_gradients_keep_the_eigen_layout_inside_a_loop():
+    """The reason conv_nhwc exists: inside a while loop XLA:CPU leaves JAX's gradient
+    convolutions in permuted layouts (its generic emitter: the kernel gradient ~70x
+    slower), and conv_nhwc's are all in the one Eigen runs."""
+    assert _loop_dim_labels(conv.conv_nhwc) == {"b01f_01io->b01f"}
+    if not _loop_dim_labels(jax.lax.conv_general_dilated) - {"b01f_01io->b01f"}:
+        import warnings  # seen with jaxlib 0.10.2; a later XLA may canonicalize in loops
+
+        warnings.warn("XLA:CPU now keeps lax's gradient convolutions in Eigen's layout "
+                      "inside loops: conv.conv_nhwc may no longer be needed", stacklevel=1)
+
+
+def test_resnet_nhwc_vjp_convs_train_like_nn_conv():
+    x = np.abs(_normal(0, (4, 8, 8, 3)))
+    y = np.arange(4, dtype=np.int32)
+    out = {}
+    for kind in ("xla", "nhwc_vjp"):
+        model = models.create_model("resnet_tiny", 10).clone(conv=kind)
+        init = functools.partial(create_train_state, model, optax.adam(1e-3))
+        state = jax.jit(init, compiler_options=FAST)(jax.random.key(2), x[:1])
+        step = jax.jit(train_step, compiler_options=FAST)
+        for _ in range(2):
+            state, m = step(state, {"image": x, "label": y}, jax.random.key(3))
+        out[kind] = (float(m["loss"]), state.params)
+    assert jax.tree.structure(out["xla"][1]) == jax.tree.structure(out["nhwc_vjp"][1])
+    assert out["nhwc_vjp"][0] == pytest.approx(out["xla"][0], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(out["xla"][1]), jax.tree.leaves(out["nhwc_vjp"][1])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    assert _custom_vjps(models.create_model("resnet_tiny", 10), x) > 0  # auto on CPU
+    with pytest.raises(ValueError, match="unknown conv 'fast'"):
+        models.create_model("resnet_tiny", 10).clone(conv="fast").init(jax.random.key(0), x)
+
+
+def test_conv_nhwc_under_vmap_is_each_seed_alone():
+    """Seed runs vmap the step over stacked params: each slice's gradients as if alone."""
+    xs, ks = _normal(1, (2, 3, 8, 8, 4)), _normal(2, (2, 3, 3, 4, 5))
+
+    def loss(x, k):
+        return jnp.sum(jnp.sin(conv.conv_nhwc(x, k, (2, 2), "SAME", dimension_numbers=NHWC)))
+
+    batched = jax.vmap(jax.grad(loss, (0, 1)))(xs, ks)
+    for i in range(2):
+        for got, want in zip((batched[0][i], batched[1][i]), jax.grad(loss, (0, 1))(xs[i], ks[i])):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
