@@ -322,9 +322,8 @@ def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callabl
 
     Takes ``idx_KB`` (resident) or a batch with a leading ``[K]`` axis instead of
     one step's; metrics come back stacked ``[K]``. Same steps, same results as
-    ``k`` separate calls. Pays where dispatch dominates (small models, GPUs);
-    on XLA:CPU a conv step inside a scan was seen ~10x slower, so it is opt-in
-    (``--steps-per-call``)."""
+    ``k`` separate calls. Pays where dispatch dominates (small models, GPUs); on
+    XLA:CPU a conv step inside a scan is still ~1.8x slower per step (see below)."""
 
     if resident:
 
@@ -348,8 +347,11 @@ def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callabl
 # --steps-per-call 0 (auto) fuses only where it was measured faster: on XLA:CPU
 # (2-core AMD EPYC, jaxlib 0.10.2, benchmarks.throughput) 10 steps per call took the
 # digits MLP from 633 to 928 steps/s, while a convolutional step inside lax.scan ran
-# ~15x slower (CNN on digits 162 -> 9 steps/s, MNIST 9.8 -> 0.7), so only models
-# without convolutions fuse, and only on CPU (GPUs not measured yet: gpu_check does).
+# ~15x slower (CNN on digits 162 -> 9 steps/s, MNIST 9.8 -> 0.7). Most of that was
+# XLA:CPU leaving JAX's gradient convolutions off Eigen inside loops, which
+# conv.conv_nhwc (the models' CPU convolutions) avoids: the digits CNN step went from
+# ~100 to ~7 ms fused, but that is still slower than 4 ms called per step, so only
+# models without convolutions fuse, and only on CPU (GPUs not measured yet: gpu_check does).
 AUTO_FUSED_MODELS = frozenset({"mlp"})
 AUTO_MAX_STEPS_PER_CALL = 32
 
