@@ -226,7 +226,8 @@ AUTO_CPU_SPLIT_MODELS = frozenset({"cnn"})
 # Measured on 2 cores (benchmarks.throughput, MNIST-shape CNN, 2 devices against one):
 # batch 128 (50k pixels per device) 1.17-1.46x; batch 64 (25k) 0.79-0.93x; batch 32
 # 0.73-0.81x; the 8x8 digits at batch 128 (4k) 0.51-0.60x. ResNet-18 at CIFAR shape,
-# batch 32, was 0.73x (its large convolutions already use every core), so it is not split.
+# batch 32, was 0.73x (likely because Eigen already spreads its large convolutions over
+# the cores), so it is not split.
 AUTO_CPU_MIN_PIXELS_PER_DEVICE = 2**15
 # Never more than this many (each holds its own copy of device-resident data; more than
 # 2 was never measured faster).
@@ -247,8 +248,9 @@ def auto_cpu_devices(model: str, batch_size: int, image_hw: tuple[int, int], cor
 
     For ``AUTO_CPU_SPLIT_MODELS``: the most devices, at most ``cores`` and
     ``AUTO_CPU_MAX_DEVICES``, that divide ``batch_size`` and still give each device
-    ``AUTO_CPU_MIN_PIXELS_PER_DEVICE`` input pixels per step. Anything else, or when no such count above 1 exists, 0.
-    Pure: the caller decides whether auto applies at all (``loop.resolve_cpu_devices``).
+    ``AUTO_CPU_MIN_PIXELS_PER_DEVICE`` input pixels per step; 0 for other models or
+    when no count above 1 fits. Pure: the caller decides whether auto applies at all
+    (``loop.resolve_cpu_devices``).
     """
     if model not in AUTO_CPU_SPLIT_MODELS:
         return 0
