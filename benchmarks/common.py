@@ -116,11 +116,10 @@ def machine_info(note: str = "") -> dict[str, Any]:
     """Where the figures come from: JAX devices, CPU, load, GPUs, library versions."""
     import jax
 
+    from jaxtrain.parallel import usable_cores
+
     devices = jax.devices()
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 0
+    cores = usable_cores()
     info = {
         "platform": devices[0].platform,
         "device_kind": devices[0].device_kind,

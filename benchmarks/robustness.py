@@ -33,11 +33,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def _machine() -> dict:
     import jax
 
+    from jaxtrain.parallel import usable_cores
+
     d = jax.devices()[0]
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
+    cores = usable_cores()
     return {"platform": d.platform, "device_kind": d.device_kind, "num_devices": jax.device_count(),
             "cpu_cores": cores, "load_average_1m": os.getloadavg()[0], "jax": jax.__version__,
             "python": platform.python_version()}
