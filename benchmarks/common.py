@@ -199,13 +199,15 @@ def cpu_seconds() -> float:
 
 def time_steps(
     step: Callable[[Any], Any], carry: Any, n: int, repeats: int,
-    sync: Callable[[Any], Any],
+    sync: Callable[[Any], Any], steps_per_call: int = 1,
 ) -> tuple[Any, dict[str, Any]]:
     """Runs ``carry = step(carry)`` ``n`` times per repeat, ``sync(carry)`` at the end of each.
 
     Returns the final carry and ``wall_s`` / ``cpu_s`` per repeat plus the best
-    and median seconds per step (best is the least disturbed by other load). Each
-    repeat is one turn of a lockstep run (``wait_turn``)."""
+    and median seconds per training step (best is the least disturbed by other
+    load); each ``step`` call runs ``steps_per_call`` training steps, and
+    ``steps_timed`` counts training steps. Each repeat is one turn of a lockstep
+    run (``wait_turn``)."""
     walls, cpus = [], []
     for _ in range(repeats):
         wait_turn()
@@ -215,15 +217,17 @@ def time_steps(
         sync(carry)
         walls.append(time.perf_counter() - t0)
         cpus.append(cpu_seconds() - c0)
-    per_step = sorted(w / n for w in walls)
+    steps = n * steps_per_call
+    per_step = sorted(w / steps for w in walls)
     return carry, {
-        "steps_timed": n,
+        "steps_timed": steps,
+        "calls_timed": n,
         "repeats": repeats,
         "wall_s": walls,
         "cpu_s": cpus,
         "best_s_per_step": per_step[0],
         "median_s_per_step": per_step[len(per_step) // 2],
-        "cpu_s_per_step": min(cpus) / n,
+        "cpu_s_per_step": min(cpus) / steps,
     }
 
 

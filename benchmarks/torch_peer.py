@@ -80,6 +80,8 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "baseline (NHWC f32)": ({}, ""),
     # what a run with the loop's defaults gets: --cpu-devices auto's split on this host
     AUTO_VARIANT: ({}, ""),
+    # K steps per compiled call (lax.scan), one device: --steps-per-call 4
+    "4 steps per call": ({"steps_per_call": 4}, ""),
     "bf16": ({"dtype": "bfloat16"}, ""),
     "NCHW layout": ({"model": "cnn_nchw"}, ""),
     "im2col conv": ({"model": "cnn_im2col"}, ""),

@@ -361,8 +361,9 @@ FLAG_HELP = {
     "seed_parallel": "shard the seed axis over devices instead of each seed's batch",
     "seed_chunk": "seeds each device computes at a time; 0 = as many as fit in free memory",
     "steps_per_call": "training steps fused into one compiled call (lax.scan); 1 = off, "
-                      "0 = auto: fused on one CPU device for models without convolutions (the "
-                      "MLP), in calls that end on every log, eval and checkpoint step",
+                      "0 = auto: fused on one CPU device for the models measured faster so "
+                      "(mlp, cnn, resnet_tiny), in calls that end on every log, eval and "
+                      "checkpoint step",
     "data_placement": "where the training split lives: device (batches gathered in the "
                       "step), host (prefetched batches) or auto (device when it fits)",
     "cpu_devices": "make this host's CPU N XLA devices before JAX starts, so the step runs "

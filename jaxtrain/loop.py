@@ -306,8 +306,7 @@ def make_update(
     if resident:
 
         def update(state, data, idx, key, *, axis_name=None):
-            batch = {k: jnp.take(v, idx, axis=0) for k, v in data.items()}
-            return run(state, batch, key, axis_name)
+            return run(state, gather_rows(data, idx), key, axis_name)
 
     else:
 
@@ -317,13 +316,28 @@ def make_update(
     return update
 
 
+def gather_rows(tree: Any, idx: jax.Array) -> Any:
+    """Rows ``idx`` (int ``[B]`` or ``[K, B]``) of every ``[N, ...]`` leaf of ``tree``.
+
+    ``mode="clip"``: the loop's indices are always in range, and ``jnp.take``'s
+    default ("fill": NaN rows out of range) costs a per-element bounds select that
+    XLA:CPU recomputes in every fusion consuming the batch. Inside ``lax.scan``
+    that select also re-reads ``idx_KB`` with a dynamic-slice per element: the
+    MNIST-shape CNN step ran 1.7x slower fused than alone (same compiled convs)."""
+    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0, mode="clip"), tree)
+
+
 def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callable[..., Any]:
     """``k`` calls of ``update`` as one ``lax.scan`` (one dispatch for ``k`` steps).
 
     Takes ``idx_KB`` (resident) or a batch with a leading ``[K]`` axis instead of
     one step's; metrics come back stacked ``[K]``. Same steps, same results as
-    ``k`` separate calls. Pays where dispatch dominates (small models, GPUs); on
-    XLA:CPU a conv step inside a scan is still ~1.8x slower per step (see below)."""
+    ``k`` separate calls. One device only (the loop refuses more): the host
+    batch's ``[K, B]`` rows are flattened and each step gathers its own, because
+    scanning over the stacked batch slices it with a dynamic-slice that XLA:CPU
+    fuses into the consumers and evaluates per element (1.6-1.7x slower per CNN
+    step); a gather stays its own fusion. Both ways, a conv step fused runs as fast
+    as alone on XLA:CPU."""
 
     if resident:
 
@@ -336,23 +350,29 @@ def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callabl
     else:
 
         def fused(state, batch_K, key, *, axis_name=None):
-            def body(st, batch):
-                return update(st, batch, key, axis_name=axis_name)
+            flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch_K)  # [K * B, ...]
+            b = jax.tree.leaves(batch_K)[0].shape[1]
 
-            return jax.lax.scan(body, state, batch_K, length=k)
+            def body(st, rows):
+                return update(st, gather_rows(flat, rows), key, axis_name=axis_name)
+
+            return jax.lax.scan(body, state, jnp.arange(k * b, dtype=jnp.int32).reshape(k, b))
 
     return fused
 
 
 # --steps-per-call 0 (auto) fuses only where it was measured faster: on XLA:CPU
-# (2-core AMD EPYC, jaxlib 0.10.2, benchmarks.throughput) 10 steps per call took the
-# digits MLP from 633 to 928 steps/s, while a convolutional step inside lax.scan ran
-# ~15x slower (CNN on digits 162 -> 9 steps/s, MNIST 9.8 -> 0.7). Most of that was
-# XLA:CPU leaving JAX's gradient convolutions off Eigen inside loops, which
-# conv.conv_nhwc (the models' CPU convolutions) avoids: the digits CNN step went from
-# ~100 to ~7 ms fused, but that is still slower than 4 ms called per step, so only
-# models without convolutions fuse, and only on CPU (GPUs not measured yet: gpu_check does).
-AUTO_FUSED_MODELS = frozenset({"mlp"})
+# (2-core AMD EPYC, jaxlib 0.10.2, one device, resident data) K steps per call against
+# one, interleaved in one process (K=8, 6-8 rounds, median): the digits MLP 1.26x, the
+# CNN on MNIST shape 1.30x and on digits 1.11x, resnet_tiny on CIFAR shape 1.38x,
+# ResNet-18 (batch 32) 1.07x. A call's cost beyond its steps is mostly page faults:
+# XLA:CPU maps the step's temporary buffers (34 MiB for the MNIST CNN) fresh each
+# call, ~8600 faults per single step against ~2200 per step at K=4 (getrusage).
+# Convolutional steps used to run slower fused (~15x, then 1.7x); conv.conv_nhwc and
+# gather_rows removed the two causes. ResNet-18 is left out: 1.07x, and at ~1 s a step
+# on CPU, K steps would put up to half a minute between preemption checks. GPUs: not
+# measured yet (gpu_check's fused_steps step does).
+AUTO_FUSED_MODELS = frozenset({"mlp", "cnn", "resnet_tiny"})
 AUTO_MAX_STEPS_PER_CALL = 32
 
 

@@ -66,6 +66,10 @@ def test_time_steps_runs_n_steps_per_repeat_and_syncs_each():
     carry, t = common.time_steps(lambda c: c + 1, 0, 5, 3, synced.append)
     assert carry == 15 and synced == [5, 10, 15]
     assert len(t["wall_s"]) == 3 and t["best_s_per_step"] <= t["median_s_per_step"]
+    # calls of K fused steps: times and counts per training step, so ratios pair like for like
+    _, t4 = common.time_steps(lambda c: c + 1, 0, 5, 2, lambda c: None, steps_per_call=4)
+    assert t4["steps_timed"] == 20 and t4["calls_timed"] == 5
+    assert t4["best_s_per_step"] == pytest.approx(min(t4["wall_s"]) / 20)
 
 
 def test_write_results_names_device_and_command(tmp_path):
@@ -139,6 +143,8 @@ def test_throughput_main_writes_consistent_figures(tmp_path, monkeypatch, capsys
     fused = throughput.measure_case({**r, "steps_per_call": 3})
     assert fused["flops_per_step"] == r["flops_per_step"]
     assert fused["first_loss"] == pytest.approx(r["first_loss"], rel=1e-6)
+    assert fused["timing"]["steps_timed"] == 3 * fused["timing"]["calls_timed"]
+    assert fused["steps_per_s"] == pytest.approx(1 / fused["timing"]["best_s_per_step"])
     # the loop's data-parallel step over devices: the same model FLOPs and first loss
     for kind in ("pmap", "mesh"):
         par = throughput.measure_case({**r, "parallel": kind, "devices": 2})
@@ -242,7 +248,59 @@ def test_steps_per_call_trains_like_single_steps(tmp_path):
                 assert value == b[name], name
 
 
-def test_auto_steps_per_call_fuses_conv_free_models_on_one_cpu_device():
+def _eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
+
+
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "host"])
+def test_fused_conv_steps_are_single_steps_and_scan_over_row_indices(resident):
+    """K fused CNN steps (convolutions and their gradients inside lax.scan) compute the
+    K single calls, in both data placements. They take the forms XLA:CPU runs as fast
+    fused as alone (loop.gather_rows, fuse_steps): the scan runs over int32 row indices
+    only, never over the batch itself, and every batch gather clips."""
+    from jaxtrain import data as data_lib
+
+    k = 3
+    config = DEFAULTS.replace(model="cnn", batch_size=32)
+    ds = data_lib.load_dataset("digits")
+    state = loop.build_model_and_state(config, ds, 100)
+    n = len(ds.train["label"])
+    idx_KB = np.stack([data_lib.batch_indices(0, s, n, 32) for s in range(k)])
+    key = loop.step_key(0)
+    update = loop.make_update(config, resident=resident)
+    fused = loop.fuse_steps(update, k, resident=resident)
+    if resident:
+        args = lambda idx: (ds.train, idx)
+    else:
+        args = lambda idx: ({name: v[idx] for name, v in ds.train.items()},)
+    single_state, losses = state, []
+    step = jax.jit(update)
+    for i in range(k):
+        single_state, m = step(single_state, *args(idx_KB[i]), key)
+        losses.append(float(m["loss"]))
+    fused_state, fm = jax.jit(fused)(state, *args(idx_KB), key)
+    assert np.asarray(fm["loss"]) == pytest.approx(losses, rel=1e-5)
+    assert _max_diff(jax.device_get(single_state.params), jax.device_get(fused_state.params)) < 1e-5
+
+    eqns = list(_eqns(jax.make_jaxpr(fused)(state, *args(idx_KB), key).jaxpr))
+    (scan,) = [e for e in eqns if e.primitive.name == "scan"]
+    xs = scan.invars[scan.params["num_consts"] + scan.params["num_carry"]:]
+    assert [(x.aval.dtype, x.aval.shape) for x in xs] == [(jnp.int32, (k, 32))]
+    batch_gathers = [e for e in eqns if e.primitive.name == "gather"
+                     and e.invars[0].aval.shape[1:] in {(8, 8, 1), ()}
+                     and e.invars[0].aval.shape[0] in (n, k * 32)]
+    assert len(batch_gathers) == 2  # image and label
+    assert all(e.params["mode"] == jax.lax.GatherScatterMode.CLIP for e in batch_gathers)
+
+
+def test_auto_steps_per_call_fuses_the_measured_models_on_one_cpu_device():
     auto = functools.partial(loop.auto_steps_per_call, platform="cpu", strategy_kind="none",
                              seeded=False, per_epoch=20)
     mlp = DEFAULTS.replace(steps_per_call=0)  # eval every epoch, log every 50 steps
@@ -253,7 +311,8 @@ def test_auto_steps_per_call_fuses_conv_free_models_on_one_cpu_device():
     assert auto(mlp.replace(log_every=128, eval_every=128)) == 32  # capped
     assert auto(mlp.replace(checkpoint_every=7)) == 1
     assert auto(mlp.replace(steps_per_call=3)) == 3  # an explicit value is kept
-    assert auto(mlp.replace(model="cnn")) == 1  # a conv step inside lax.scan is slower on CPU
+    assert auto(mlp.replace(model="cnn")) == 10 and auto(mlp.replace(model="resnet_tiny")) == 10
+    assert auto(mlp.replace(model="resnet18")) == 1  # ~1 s steps on CPU, 1.07x fused
     assert auto(mlp, platform="gpu") == 1
     assert auto(mlp, strategy_kind="mesh") == 1
     assert auto(mlp, seeded=True) == 1
