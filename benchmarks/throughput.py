@@ -3,6 +3,8 @@
     python -m benchmarks.throughput                      # CPU defaults (small)
     python -m benchmarks.throughput --cases resnet18:cifar --dtypes bfloat16 \\
         --peak-flops 989e12 --batch-size 256             # an H100, bf16 dense peak
+    python -m benchmarks.throughput --cases cnn:mnist --steps-per-call 1,8 --rounds 3
+                                                         # fused against single steps
 
 Each case runs in its own process (clean peak memory, no cache sharing) and
 times the library's own compiled step (``loop.make_update`` with the dataset on
@@ -15,6 +17,8 @@ embedded), ``mnist`` (synthetic 28x28x1) and ``cifar`` (synthetic 32x32x3).
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import sys
 import time
 from typing import Any
@@ -189,7 +193,12 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peak-flops", type=float, default=None,
                    help="peak FLOP/s of one device for MFU (H100 SXM bf16 dense: 989e12)")
-    p.add_argument("--steps-per-call", type=int, default=1)
+    p.add_argument("--steps-per-call", type=_int_list, default=[1],
+                   help="steps per compiled call (lax.scan), comma separated: each case "
+                        "runs once per value, one after the other, and the table gives "
+                        "each value's steps/s over the first's (median over --rounds)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole set of cases this many times, alternating")
     p.add_argument("--parallel", choices=("none", "pmap", "mesh"), default="none",
                    help="the loop's data-parallel step over --devices devices (on a CPU, "
                         "make them with JAX_NUM_CPU_DEVICES=N)")
@@ -197,6 +206,16 @@ def parse_args(argv):
     p.add_argument("--synthetic-size", type=int, default=2048)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     return p.parse_args(argv)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in common.str_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers, comma separated: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1: {text!r}")
+    return values
 
 
 def build_cases(args, platform: str) -> list[dict[str, Any]]:
@@ -214,7 +233,7 @@ def build_cases(args, platform: str) -> list[dict[str, Any]]:
                 bs = args.resnet_batch_size or (min(bs, 32) if on_cpu else bs)
             case = {"model": model, "data": data, "dtype": dtype, "batch_size": bs,
                     "seconds": args.seconds, "repeats": args.repeats,
-                    "peak_flops": args.peak_flops, "steps_per_call": args.steps_per_call,
+                    "peak_flops": args.peak_flops,
                     "synthetic_size": args.synthetic_size, "parallel": args.parallel,
                     "devices": args.devices}
             steps = args.resnet_steps or (3 if on_cpu else None)
@@ -222,8 +241,21 @@ def build_cases(args, platform: str) -> list[dict[str, Any]]:
                 case["steps"] = steps
             if args.smoke:
                 case.update(batch_size=min(bs, 16), steps=2, repeats=1, synthetic_size=256)
-            cases.append(case)
+            cases.extend({**case, "steps_per_call": k} for k in args.steps_per_call)
     return cases
+
+
+def fused_speedups(results: list[dict[str, Any]], first_k: int) -> dict[tuple, float]:
+    """``(model, data, dtype, batch, K)`` -> the median over rounds of K's steps/s over
+    ``first_k``'s for the same case in the same round."""
+    rate = {(r.get("round", 0), r["model"], r["data"], r["dtype"], r["batch_size"],
+             r.get("steps_per_call") or 1): r.get("steps_per_s") for r in results}
+    ratios: dict[tuple, list[float]] = {}
+    for (rnd, *case, k), steps_per_s in rate.items():
+        ratio = common.ratio(steps_per_s, rate.get((rnd, *case, first_k)))
+        if ratio is not None:
+            ratios.setdefault((*case, k), []).append(ratio)
+    return {key: statistics.median(v) for key, v in ratios.items()}
 
 
 def main(argv=None) -> int:
@@ -232,12 +264,19 @@ def main(argv=None) -> int:
         return common.child_main(measure_case, args.child)
     info = common.machine_info(args.note)
     results = []
-    for case in build_cases(args, info["platform"]):
-        print(f"... {case['model']} {case['data']} {case['dtype']} batch {case['batch_size']}",
-              flush=True)
-        results.append(common.run_case("benchmarks.throughput", case, timeout=args.timeout))
+    cases = build_cases(args, info["platform"])
+    for rnd in range(max(args.rounds, 1)):
+        for case in cases:
+            print(f"... {case['model']} {case['data']} {case['dtype']} batch {case['batch_size']}"
+                  f", {case['steps_per_call']} step(s) per call, round {rnd + 1}", flush=True)
+            r = common.run_case("benchmarks.throughput", case, timeout=args.timeout)
+            results.append({**r, "round": rnd})
+    first_k = args.steps_per_call[0]
+    speedups = fused_speedups(results, first_k)
     rows = [
-        [r["model"], r["data"], r["dtype"], r["batch_size"], r.get("steps_per_s"),
+        [r["model"], r["data"], r["dtype"], r["batch_size"], r["steps_per_call"],
+         speedups.get((r["model"], r["data"], r["dtype"], r["batch_size"], r["steps_per_call"])),
+         r.get("steps_per_s"),
          r.get("images_per_s"), r.get("flops_per_step") and r["flops_per_step"] / 1e9,
          r.get("flops_per_s") and r["flops_per_s"] / 1e12, r.get("mfu"),
          r.get("compile_s"), common.mib((r.get("memory") or {}).get("host_peak_rss_bytes")),
@@ -247,12 +286,15 @@ def main(argv=None) -> int:
     ]
     common.print_table(
         f"train throughput on {info['device']} (best of repeats)",
-        ["model", "data", "dtype", "batch", "steps/s", "images/s", "GFLOP/step", "TFLOP/s",
-         "MFU", "compile_s", "rss_MiB", "dev_MiB", ""],
+        ["model", "data", "dtype", "batch", "k", f"vs_k{first_k}", "steps/s", "images/s",
+         "GFLOP/step", "TFLOP/s", "MFU", "compile_s", "rss_MiB", "dev_MiB", ""],
         rows,
     )
-    common.write_results("throughput", args, info, {"peak_flops": args.peak_flops,
-                                                    "results": results})
+    common.write_results("throughput", args, info, {
+        "peak_flops": args.peak_flops, "results": results,
+        "steps_per_call_speedups": [{"case": list(key[:4]), "steps_per_call": key[4],
+                                     f"median_over_k{first_k}": v}
+                                    for key, v in speedups.items()]})
     return 1 if any("error" in r for r in results) else 0
 
 

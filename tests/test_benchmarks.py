@@ -124,6 +124,21 @@ def _in_process(monkeypatch, child):
 # ----------------------------------------------------------------------------- throughput
 
 
+def test_throughput_fused_speedups_pair_each_k_with_the_first_in_its_round():
+    def row(rnd, k, rate, model="cnn"):
+        return {"round": rnd, "model": model, "data": "mnist", "dtype": "float32",
+                "batch_size": 128, "steps_per_call": k, "steps_per_s": rate}
+
+    results = [row(0, 1, 10.0), row(0, 8, 15.0), row(1, 1, 20.0), row(1, 8, 22.0),
+               row(2, 1, 10.0), row(2, 8, 13.0), row(0, 1, 5.0, "mlp"), row(0, 8, None, "mlp")]
+    got = throughput.fused_speedups(results, first_k=1)
+    assert got[("cnn", "mnist", "float32", 128, 8)] == pytest.approx(1.3)  # of 1.5, 1.1, 1.3
+    assert got[("cnn", "mnist", "float32", 128, 1)] == 1.0
+    assert ("mlp", "mnist", "float32", 128, 8) not in got  # failed: no ratio
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--steps-per-call", "1,0"])
+
+
 def test_throughput_main_writes_consistent_figures(tmp_path, monkeypatch, capsys):
     _in_process(monkeypatch, throughput.measure_case)
     assert throughput.main(["--smoke", "--cases", "mlp:digits", "--out", str(tmp_path),
