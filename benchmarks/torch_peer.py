@@ -778,10 +778,11 @@ def suite_mlp(args, threads) -> dict[str, Any]:
 
 def _auto_cpu_devices_variant(base: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """``AUTO_VARIANT`` on this host: the split ``--cpu-devices 0`` makes for ``base``
-    (MNIST shape), or one device where it makes none."""
+    (its data's image shape), or one device where it makes none."""
     from jaxtrain.parallel import auto_cpu_devices, usable_cores  # imports jax, starts nothing
 
-    n = auto_cpu_devices(base["model"], base["batch_size"], (28, 28), usable_cores())
+    hw = throughput.SHAPES[base.get("data", "mnist")][:2]
+    n = auto_cpu_devices(base["model"], base["batch_size"], hw, usable_cores())
     return _on_cpu_devices("mesh", n) if n > 1 else ({}, "")
 
 
