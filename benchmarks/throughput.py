@@ -103,6 +103,7 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     state = strategy.replicate(state)
     train = strategy.replicate(dataset.train)
     key = strategy.replicate(loop.step_key(0))
+    fused_n = (np.int32(k),) if k > 1 else ()  # a fused call runs all k (fuse_steps' n)
     shape = (k, bs) if k > 1 else (bs,)
     idxs = [strategy.shard(np.resize(data_lib.batch_indices(0, s, n_train, bs), shape)
                            .astype(np.int32)) for s in range(4)]
@@ -111,7 +112,7 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     jitted = strategy.compile(update, donate_argnums=(0,))
     common.wait_turn()  # compile and first call: one turn of a lockstep run
     t0 = time.perf_counter()
-    lowered = jitted.lower(state, train, idxs[0], key)
+    lowered = jitted.lower(state, train, idxs[0], *fused_n, key)
     compiled = lowered.compile()
     if strategy.devices[0].platform == "cpu" and strategy.num_devices > 1:
         compiled = parallel.Throttled(compiled, parallel.CPU_MAX_IN_FLIGHT)  # the CPU hazard
@@ -127,11 +128,11 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
 
     def step(st):
         counter["i"] += 1
-        st, _ = compiled(st, train, idxs[counter["i"] % len(idxs)], key)
+        st, _ = compiled(st, train, idxs[counter["i"] % len(idxs)], *fused_n, key)
         return st
 
     t0 = time.perf_counter()
-    state, first_metrics = compiled(state, train, idxs[0], key)
+    state, first_metrics = compiled(state, train, idxs[0], *fused_n, key)
     jax.block_until_ready(state)
     t_first = time.perf_counter() - t0
     # loss of the initial parameters on the first batch: equal across layouts, flags and

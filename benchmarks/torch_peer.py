@@ -589,7 +589,7 @@ def jax_steps_only(case: dict[str, Any]) -> dict[str, Any]:
     def run_all():
         state = jax.device_put(host_state)
         for idx in order:
-            state, metrics = epoch(state, data, idx, key)
+            state, metrics = epoch(state, data, idx, np.int32(per_epoch), key)
         return jax.block_until_ready((state, metrics))
 
     _, metrics = run_all()  # compiles

@@ -67,7 +67,7 @@ class TrainConfig:
     workdir: str = "runs/default"
     eval_every: int = 0
     log_every: int = 50
-    # fuse this many training steps into one compiled call (lax.scan); 1 = off; 0 = auto
+    # fuse up to this many training steps into one compiled call (a loop); 1 = off; 0 = auto
     # (loop.auto_steps_per_call: fused where it was measured faster). One device, one seed.
     steps_per_call: int = 0
     checkpoint_every: int = 0
@@ -360,10 +360,10 @@ FLAG_HELP = {
     "num_seeds": "train this many models (seeds seed..seed+N-1) in one vmapped program",
     "seed_parallel": "shard the seed axis over devices instead of each seed's batch",
     "seed_chunk": "seeds each device computes at a time; 0 = as many as fit in free memory",
-    "steps_per_call": "training steps fused into one compiled call (lax.scan); 1 = off, "
-                      "0 = auto: fused on one CPU device for the models measured faster so "
-                      "(mlp, cnn, resnet_tiny), in calls that end on every log, eval and "
-                      "checkpoint step",
+    "steps_per_call": "training steps fused into one compiled call (a loop of up to K; "
+                      "calls end early on eval and checkpoint steps); 1 = off, 0 = auto: "
+                      "fused on one CPU device for the models measured faster so (mlp, cnn, "
+                      "resnet_tiny), in calls that end on every log, eval and checkpoint step",
     "data_placement": "where the training split lives: device (batches gathered in the "
                       "step), host (prefetched batches) or auto (device when it fits)",
     "cpu_devices": "make this host's CPU N XLA devices before JAX starts, so the step runs "

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import gc
 import json
-import math
 import os
 import signal
 import sys
@@ -328,35 +327,49 @@ def gather_rows(tree: Any, idx: jax.Array) -> Any:
 
 
 def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callable[..., Any]:
-    """``k`` calls of ``update`` as one ``lax.scan`` (one dispatch for ``k`` steps).
+    """Up to ``k`` calls of ``update`` as one compiled loop (one dispatch for ``n`` steps).
 
-    Takes ``idx_KB`` (resident) or a batch with a leading ``[K]`` axis instead of
-    one step's; metrics come back stacked ``[K]``. Same steps, same results as
-    ``k`` separate calls. One device only (the loop refuses more): the host
-    batch's ``[K, B]`` rows are flattened and each step gathers its own, because
-    scanning over the stacked batch slices it with a dynamic-slice that XLA:CPU
-    fuses into the consumers and evaluates per element (1.6-1.7x slower per CNN
-    step); a gather stays its own fusion. Both ways, a conv step fused runs as fast
-    as alone on XLA:CPU."""
+    Takes ``idx_KB`` (resident) or a batch with a leading ``[K]`` axis instead of one
+    step's, and ``n`` (int32 scalar, ``1 <= n <= k``): the steps to run, the first ``n``
+    of the ``K``; the rest of the inputs are ignored (padding). Metrics come back
+    stacked ``[K]``, zeros after the first ``n``. Same steps, same results as ``n``
+    separate calls. Because ``n`` is an argument, a call of fewer steps (up to an eval
+    step) runs the same program: no second compile. A ``fori_loop`` with a runtime
+    ``n`` ran as fast as a ``lax.scan`` of static length on XLA:CPU (MLP and MNIST
+    CNN, 6 interleaved rounds: 1.01x); a scan over ``lax.cond(i < n)`` ran 0.90x.
+
+    One device only (the loop refuses more). The host batch's ``[K, B]`` rows are
+    flattened and each step gathers its own, because slicing the stacked batch with a
+    dynamic-slice is fused by XLA:CPU into the consumers and evaluated per element
+    (1.6-1.7x slower per CNN step); a gather stays its own fusion. Both ways, a conv
+    step fused runs as fast as alone on XLA:CPU."""
+
+    def loop_k(one_step, state, rows_KB, n):
+        """``one_step(state, rows_B)`` for the first ``n`` of ``rows_KB``; metrics ``[K]``."""
+        m_shape = jax.eval_shape(lambda st: one_step(st, rows_KB[0])[1], state)
+        metrics = jax.tree.map(lambda a: jnp.zeros((k, *a.shape), a.dtype), m_shape)
+
+        def body(i, carry):
+            st, ms = carry
+            st, m = one_step(st, rows_KB[i])
+            return st, jax.tree.map(lambda buf, x: buf.at[i].set(x), ms, m)
+
+        return jax.lax.fori_loop(0, n, body, (state, metrics))
 
     if resident:
 
-        def fused(state, data, idx_KB, key, *, axis_name=None):
-            def body(st, idx):
-                return update(st, data, idx, key, axis_name=axis_name)
-
-            return jax.lax.scan(body, state, idx_KB, length=k)
+        def fused(state, data, idx_KB, n, key, *, axis_name=None):
+            return loop_k(lambda st, idx: update(st, data, idx, key, axis_name=axis_name),
+                          state, idx_KB, n)
 
     else:
 
-        def fused(state, batch_K, key, *, axis_name=None):
+        def fused(state, batch_K, n, key, *, axis_name=None):
             flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch_K)  # [K * B, ...]
             b = jax.tree.leaves(batch_K)[0].shape[1]
-
-            def body(st, rows):
-                return update(st, gather_rows(flat, rows), key, axis_name=axis_name)
-
-            return jax.lax.scan(body, state, jnp.arange(k * b, dtype=jnp.int32).reshape(k, b))
+            rows_KB = jnp.arange(k * b, dtype=jnp.int32).reshape(k, b)
+            return loop_k(lambda st, rows: update(st, gather_rows(flat, rows), key,
+                                                  axis_name=axis_name), state, rows_KB, n)
 
     return fused
 
@@ -376,22 +389,33 @@ AUTO_FUSED_MODELS = frozenset({"mlp", "cnn", "resnet_tiny"})
 AUTO_MAX_STEPS_PER_CALL = 32
 
 
+def auto_boundaries(config: TrainConfig, per_epoch: int) -> tuple[int, ...]:
+    """The steps auto's calls end on: every eval, checkpoint and log step (0 = none)."""
+    return (config.eval_every or per_epoch, config.checkpoint_every, config.log_every)
+
+
 def auto_steps_per_call(
     config: TrainConfig, platform: str, strategy_kind: str, seeded: bool, per_epoch: int
 ) -> int:
-    """``config.steps_per_call``, or for 0 (auto) the steps each compiled call runs.
+    """``config.steps_per_call``, or for 0 (auto) the most steps a compiled call runs.
 
-    Auto fuses on one CPU device (one seed) for ``AUTO_FUSED_MODELS``: the largest
-    ``k <= AUTO_MAX_STEPS_PER_CALL`` that divides the eval, checkpoint and log
-    intervals, so every call ends on each of those steps and the run writes exactly
-    what single steps write. Anywhere else (or when only ``k == 1`` divides), 1."""
+    Auto fuses on one CPU device (one seed) for ``AUTO_FUSED_MODELS``. Its calls end on
+    every eval, checkpoint and log step (``auto_boundaries``), so the run writes exactly
+    what single steps write; a call runs ``k`` steps or fewer, up to the next of those
+    (one program: ``fuse_steps``). ``k``: the smallest that makes as few calls over the
+    whole run as ``AUTO_MAX_STEPS_PER_CALL`` (digits, 20 steps per epoch, log every 50:
+    20; MNIST, 421 per epoch: 25). 1 anywhere else, or when every interval is 1 step."""
     if config.steps_per_call:
         return config.steps_per_call
     if (seeded or strategy_kind != "none" or platform != "cpu"
             or config.model not in AUTO_FUSED_MODELS):
         return 1
-    every = math.gcd(config.eval_every or per_epoch, config.checkpoint_every, config.log_every)
-    return max(k for k in range(1, min(every, AUTO_MAX_STEPS_PER_CALL) + 1) if every % k == 0)
+    total = config.epochs * per_epoch
+    ends = [np.arange(b, total, b) for b in auto_boundaries(config, per_epoch) if b]
+    gaps = np.diff(np.unique(np.concatenate([[0, total], *ends])))
+    fewest = int(np.sum(-(-gaps // AUTO_MAX_STEPS_PER_CALL)))
+    return next(k for k in range(1, AUTO_MAX_STEPS_PER_CALL + 1)
+                if int(np.sum(-(-gaps // k))) == fewest)
 
 
 def resolve_cpu_devices(config: TrainConfig, image_shape: tuple[int, ...]) -> int:
@@ -422,26 +446,25 @@ def resolve_cpu_devices(config: TrainConfig, image_shape: tuple[int, ...]) -> in
 def call_plan(
     start: int, total: int, k: int, boundaries: tuple[int, ...]
 ) -> list[tuple[int, int]]:
-    """``(first_step, n)`` per compiled call from ``start`` to ``total``: ``n == k``
-    where ``k`` steps fit before the next multiple of a boundary (eval, checkpoint) or
-    the end, single steps for the rest, so no call crosses one (``k == 1``: all single)."""
+    """``(first_step, n)`` per compiled call from ``start`` to ``total``: ``k`` steps, or
+    fewer up to the next multiple of a boundary (eval, checkpoint, ...) or the end, so
+    no call crosses one (``k == 1``: all single)."""
     plan, s = [], start
     while s < total:
         nxt = min([total, *(((s // b) + 1) * b for b in boundaries if b)])
-        while s + k <= nxt and k > 1:
-            plan.append((s, k))
-            s += k
-        plan.extend((i, 1) for i in range(s, nxt))
-        s = nxt
+        n = min(k, nxt - s)
+        plan.append((s, n))
+        s += n
     return plan
 
 
-def unstack_steps(metrics: dict[str, Any], seeded: bool) -> list[dict[str, Any]]:
-    """Host metrics of one call -> one dict per step (a fused call's are stacked ``[K]``;
-    a single step's are scalars, or ``[S]`` for a seed run, which is never fused)."""
+def unstack_steps(metrics: dict[str, Any], seeded: bool, n: int = 1) -> list[dict[str, Any]]:
+    """Host metrics of one call of ``n`` steps -> one dict per step (a fused call's are
+    stacked ``[K]``, of which the first ``n`` ran; a single step's are scalars, or
+    ``[S]`` for a seed run, which is never fused)."""
     if seeded or np.ndim(metrics["loss"]) == 0:
         return [metrics]
-    return [{k: v[i] for k, v in metrics.items()} for i in range(len(metrics["loss"]))]
+    return [{k: v[i] for k, v in metrics.items()} for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -693,11 +716,14 @@ def train_and_evaluate(
         update = strategy.compile(update_fn, donate_argnums=(0,))
         evaluate_fn = strategy.compile(eval_step)
         key = put_state(base_key)
-    fused = None  # --steps-per-call: K steps in one lax.scan, single steps at boundaries
+    fused = None  # --steps-per-call: every call runs up to K steps in one compiled loop
     if steps_per_call > 1:
         fused = strategy.compile(fuse_steps(update_fn, steps_per_call, resident=resident),
                                  donate_argnums=(0,))
+    # an explicit K crosses log steps (the log line comes at the call's end); auto's
+    # calls end on them too, so its files are those of single steps
     chunks = call_plan(start_step, total_steps, steps_per_call,
+                       auto_boundaries(config, per_epoch) if not config.steps_per_call else
                        (config.eval_every or per_epoch, config.checkpoint_every))
     state = put_state(host_state)
     pid, nproc = jax.process_index(), jax.process_count()
@@ -721,10 +747,12 @@ def train_and_evaluate(
             vmap_eval(eval_step, chunk=seed_chunk, groups=placement.groups))
 
     def stacked(fn, first: int, n: int):
-        """One step's input, or ``n`` steps' stacked on a leading ``[n]`` axis."""
-        if n == 1:
+        """One step's input (``K == 1``), or ``K`` steps' stacked on a leading ``[K]`` axis:
+        the call's ``n``, then the last one's again as padding (``fuse_steps`` runs ``n``)."""
+        if steps_per_call == 1:
             return fn(first)
-        return jax.tree.map(lambda *xs: np.stack(xs), *[fn(first + i) for i in range(n)])
+        steps = [fn(first + min(i, n - 1)) for i in range(steps_per_call)]
+        return jax.tree.map(lambda *xs: np.stack(xs), *steps)
 
     # inputs yield (n, x): x feeds n steps (one compiled call)
     if resident:
@@ -732,7 +760,9 @@ def train_and_evaluate(
                           lambda x: x)
 
         def call(st, x):
-            return (fused if x[0] > 1 else update)(st, train_data, x[1], key)
+            if fused is None:
+                return update(st, train_data, x[1], key)
+            return fused(st, train_data, x[1], np.int32(x[0]), key)
     else:
         def host_batch(step):
             return {k: v[indices(step)] for k, v in dataset.train.items()}
@@ -741,7 +771,7 @@ def train_and_evaluate(
                           lambda x: (x[0], put_batch(x[1])))
 
         def call(st, x):
-            return (fused if x[0] > 1 else update)(st, x[1], key)
+            return update(st, x[1], key) if fused is None else fused(st, x[1], np.int32(x[0]), key)
     run_eval = functools.partial(evaluate, put_eval, get, evaluate_fn)
     # the validation batches, placed once, when the training data sits on the devices too
     val_placed = list(eval_inputs(put_eval, dataset.val, eval_batch)) if resident else None
@@ -750,7 +780,7 @@ def train_and_evaluate(
     # --- loop ------------------------------------------------------------------------
     progress = Progress(config.progress, total_steps, start_step, is_main)
     eval_every = config.eval_every or per_epoch
-    window: list[dict[str, jax.Array]] = []
+    window: list[tuple[int, dict[str, jax.Array]]] = []  # (steps, metrics) per call
     skipped_in_a_row = int(resumed_meta.get("skipped_in_a_row", 0))
     initial = {**state_tree(host_state), "rng": base_key}  # rollback target before any checkpoint
     steady_time, steady_steps, t_first = 0.0, 0, None
@@ -833,7 +863,7 @@ def train_and_evaluate(
         stop after ``max_skipped`` consecutive non-finite steps (skip and rollback; a
         rollback does not reset the count). Returns the first non-finite step, if any."""
         nonlocal skipped_in_a_row
-        host = [h for m in window for h in unstack_steps(get(m), seeded)]
+        host = [h for n, m in window for h in unstack_steps(get(m), seeded, n)]
         window.clear()
         first_bad = None
         for i, m in enumerate(host):
@@ -898,8 +928,8 @@ def train_and_evaluate(
         t_mark, since_mark = time.perf_counter(), 0
         for x in inputs:
             state, metrics = profiler.run(step, call, state, x, n=x[0])
-            window.append(metrics)
             n = x[0]  # steps in this call (call_plan never crosses an eval or checkpoint step)
+            window.append((n, metrics))
             step += n
             if t_first is None:  # the first step compiles: keep it out of the steady state
                 jax.block_until_ready(state)

@@ -14,7 +14,9 @@ import argparse
 import functools
 import itertools
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -207,8 +209,9 @@ def test_host_and_device_placement_train_identically(tmp_path, monkeypatch):
         (0, 10, 1, (5,), [(i, 1) for i in range(10)]),
         (0, 10, 4, (5,), [(0, 4), (4, 1), (5, 4), (9, 1)]),
         (3, 12, 3, (6, 0), [(3, 3), (6, 3), (9, 3)]),
-        (4, 12, 3, (6, 0), [(4, 1), (5, 1), (6, 3), (9, 3)]),
+        (4, 12, 3, (6, 0), [(4, 2), (6, 3), (9, 3)]),
         (0, 8, 8, (20,), [(0, 8)]),
+        (0, 121, 25, (100, 50), [(0, 25), (25, 25), (50, 25), (75, 25), (100, 21)]),
     ],
 )
 def test_call_plan(start, total, k, boundaries, expected):
@@ -221,32 +224,40 @@ def test_call_plan_covers_every_step_once_and_never_crosses_a_boundary():
         steps = [s + i for s, n in plan for i in range(n)]
         assert steps == list(range(5, 103))
         for s, n in plan:
-            assert n in (1, k)
+            assert 1 <= n <= k
             assert all((s + i) % 10 and (s + i) % 25 for i in range(1, n)), (s, n)
+            end = s + n  # a short call ends on a boundary or at the end, never before one
+            assert n == k or end % 10 == 0 or end % 25 == 0 or end == 103, (s, n)
 
 
 def test_unstack_steps_splits_fused_metrics_only():
     fused = {"loss": np.arange(3.0), "nonfinite": np.zeros(3, np.int32)}
-    assert [m["loss"] for m in loop.unstack_steps(fused, seeded=False)] == [0.0, 1.0, 2.0]
+    assert [m["loss"] for m in loop.unstack_steps(fused, seeded=False, n=3)] == [0.0, 1.0, 2.0]
+    assert [m["loss"] for m in loop.unstack_steps(fused, seeded=False, n=2)] == [0.0, 1.0]
     single = {"loss": np.float32(1.0), "nonfinite": np.int32(0)}
     assert loop.unstack_steps(single, seeded=False) == [single]
     seeds = {"loss": np.arange(4.0)}  # a seed run's [S] metrics are one step
     assert loop.unstack_steps(seeds, seeded=True) == [seeds]
 
 
-def test_steps_per_call_trains_like_single_steps(tmp_path):
-    """K fused steps (plus single steps at the epoch boundary) = the same run; so is the
+def test_steps_per_call_trains_like_single_steps(tmp_path, caplog):
+    """K fused steps (a shorter call up to the eval step) = the same run; so is the
     default, auto, which fuses the digits MLP on one CPU device in calls ending on every
-    log and eval step, and so writes the same files."""
-    params, lines = {}, {}
-    for k in (1, 6, 0):  # 20 steps per epoch: calls of 6, 6, 6, then 1, 1; auto: 5 (log every 5)
+    log and eval step, and so writes the same files. Short calls run the same compiled
+    program as full ones: neither run compiles the single step."""
+    params, lines, compiled = {}, {}, {}
+    for k in (1, 6, 0):  # 20 steps per epoch: calls of 6, 6, 6, 2; auto: 7, 7, 6 (log every 7)
         workdir = str(tmp_path / f"k{k}")
-        summary = loop.train_and_evaluate(
-            FAST.replace(parallel="none", steps_per_call=k, log_every=5), workdir)
-        assert summary["steps_per_call"] == (k or 5)
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+            summary = loop.train_and_evaluate(
+                FAST.replace(parallel="none", steps_per_call=k, log_every=7), workdir)
+        compiled[k] = re.findall(r"Compiling jit\((update|fused)\)", caplog.text)
+        assert summary["steps_per_call"] == (k or 7)
         params[k] = load_params(workdir)
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             lines[k] = [json.loads(line) for line in f]
+    assert compiled == {1: ["update"], 6: ["fused"], 0: ["fused"]}
     assert _max_diff(params[1], params[6]) < 1e-6 and _max_diff(params[1], params[0]) < 1e-6
     val = {k: [(r["step"], r["accuracy"]) for r in v if r["split"] == "val"]
            for k, v in lines.items()}
@@ -275,11 +286,12 @@ def _eqns(jaxpr):
 
 
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "host"])
-def test_fused_conv_steps_are_single_steps_and_scan_over_row_indices(resident):
-    """K fused CNN steps (convolutions and their gradients inside lax.scan) compute the
-    K single calls, in both data placements. They take the forms XLA:CPU runs as fast
-    fused as alone (loop.gather_rows, fuse_steps): the scan runs over int32 row indices
-    only, never over the batch itself, and every batch gather clips."""
+def test_fused_conv_steps_are_single_steps_and_loop_over_row_indices(resident):
+    """K fused CNN steps (convolutions and their gradients inside the compiled loop)
+    compute the K single calls, in both data placements, and a call of n < K steps
+    the first n of them. They take the forms XLA:CPU runs as fast fused as alone
+    (loop.gather_rows, fuse_steps): the loop slices int32 row indices only, never the
+    batch itself, and every batch gather clips."""
     from jaxtrain import data as data_lib
 
     k = 3
@@ -295,19 +307,27 @@ def test_fused_conv_steps_are_single_steps_and_scan_over_row_indices(resident):
         args = lambda idx: (ds.train, idx)
     else:
         args = lambda idx: ({name: v[idx] for name, v in ds.train.items()},)
-    single_state, losses = state, []
+    states, losses = [state], []
     step = jax.jit(update)
     for i in range(k):
-        single_state, m = step(single_state, *args(idx_KB[i]), key)
+        st, m = step(states[-1], *args(idx_KB[i]), key)
+        states.append(st)
         losses.append(float(m["loss"]))
-    fused_state, fm = jax.jit(fused)(state, *args(idx_KB), key)
-    assert np.asarray(fm["loss"]) == pytest.approx(losses, rel=1e-5)
-    assert _max_diff(jax.device_get(single_state.params), jax.device_get(fused_state.params)) < 1e-5
+    run = jax.jit(fused)
+    for steps in (k, 2):  # a full call, and a short one (its last input is padding)
+        fused_state, fm = run(state, *args(idx_KB), np.int32(steps), key)
+        assert np.asarray(fm["loss"])[:steps] == pytest.approx(losses[:steps], rel=1e-5)
+        assert not np.any(np.asarray(fm["loss"])[steps:])  # steps not run: zeros
+        assert _max_diff(jax.device_get(states[steps].params),
+                         jax.device_get(fused_state.params)) < 1e-5
 
-    eqns = list(_eqns(jax.make_jaxpr(fused)(state, *args(idx_KB), key).jaxpr))
-    (scan,) = [e for e in eqns if e.primitive.name == "scan"]
-    xs = scan.invars[scan.params["num_consts"] + scan.params["num_carry"]:]
-    assert [(x.aval.dtype, x.aval.shape) for x in xs] == [(jnp.int32, (k, 32))]
+    eqns = list(_eqns(jax.make_jaxpr(fused)(state, *args(idx_KB), np.int32(k), key).jaxpr))
+    (loop_eqn,) = [e for e in eqns if e.primitive.name == "while"]
+    body = list(_eqns(loop_eqn.params["body_jaxpr"].jaxpr))
+    sliced = [e.invars[0].aval for e in body
+              if e.primitive.name in ("dynamic_slice", "gather", "slice")
+              and e.invars[0].aval.ndim and e.invars[0].aval.shape[0] == k]
+    assert sliced and all((a.dtype, a.shape) == (jnp.int32, (k, 32)) for a in sliced)
     batch_gathers = [e for e in eqns if e.primitive.name == "gather"
                      and e.invars[0].aval.shape[1:] in {(8, 8, 1), ()}
                      and e.invars[0].aval.shape[0] in (n, k * 32)]
@@ -318,15 +338,17 @@ def test_fused_conv_steps_are_single_steps_and_scan_over_row_indices(resident):
 def test_auto_steps_per_call_fuses_the_measured_models_on_one_cpu_device():
     auto = functools.partial(loop.auto_steps_per_call, platform="cpu", strategy_kind="none",
                              seeded=False, per_epoch=20)
-    mlp = DEFAULTS.replace(steps_per_call=0)  # eval every epoch, log every 50 steps
-    assert auto(mlp) == 10  # divides 20 and 50: calls end on every eval and log step
-    assert auto(mlp.replace(log_every=20)) == 20
-    assert auto(mlp.replace(log_every=24, eval_every=80)) == 8
-    assert auto(mlp.replace(log_every=60, eval_every=60)) == 30
+    mlp = DEFAULTS.replace(steps_per_call=0)  # 10 epochs, eval every epoch, log every 50 steps
+    # the smallest k that makes the fewest calls ending on every eval and log step
+    assert auto(mlp) == 20  # intervals of 20, 20, 10, 10, ...: one call each
+    assert auto(mlp.replace(log_every=24, eval_every=80)) == 24
+    assert auto(mlp.replace(log_every=60, eval_every=60)) == 30  # 60, 60, 60, 20: 7 calls
     assert auto(mlp.replace(log_every=128, eval_every=128)) == 32  # capped
-    assert auto(mlp.replace(checkpoint_every=7)) == 1
+    assert auto(mlp.replace(checkpoint_every=7)) == 7
+    assert auto(mlp.replace(epochs=1), per_epoch=421) == 25  # MNIST: 50, ..., 50, 21
+    assert auto(mlp.replace(log_every=1)) == 1
     assert auto(mlp.replace(steps_per_call=3)) == 3  # an explicit value is kept
-    assert auto(mlp.replace(model="cnn")) == 10 and auto(mlp.replace(model="resnet_tiny")) == 10
+    assert auto(mlp.replace(model="cnn")) == 20 and auto(mlp.replace(model="resnet_tiny")) == 20
     assert auto(mlp.replace(model="resnet18")) == 1  # ~1 s steps on CPU, 1.07x fused
     assert auto(mlp, platform="gpu") == 1
     assert auto(mlp, strategy_kind="mesh") == 1
