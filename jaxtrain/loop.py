@@ -384,7 +384,8 @@ def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callabl
 # Convolutional steps used to run slower fused (~15x, then 1.7x); conv.conv_nhwc and
 # gather_rows removed the two causes. ResNet-18 is left out: 1.07x, and at ~1 s a step
 # on CPU, K steps would put up to half a minute between preemption checks. GPUs: not
-# measured yet (gpu_check's fused_steps step does).
+# measured yet (gpu_check's fused_steps step does). Through the loop, a 1-epoch MNIST-size
+# CNN run on one device: 21-22 steady steps/s with auto's K=25 against 15 with single steps.
 AUTO_FUSED_MODELS = frozenset({"mlp", "cnn", "resnet_tiny"})
 AUTO_MAX_STEPS_PER_CALL = 32
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import common, pipeline, throughput, time_to_accuracy, torch_peer
+from benchmarks import common, pipeline, throughput, time_to_accuracy, torch_peer, whole_runs
 from experiments.digits_mlp import DEFAULTS
 from jaxtrain import loop
 from jaxtrain.checkpoint import load_params
@@ -513,6 +513,58 @@ def test_torch_steps_smoke():
     assert r["steps_per_s"] > 0 and r["runs"][0]["loss_finite"] and r["best_threads"] == 1
 
 
+# ----------------------------------------------------------------------------- whole_runs
+
+
+def test_whole_runs_parses_variants_and_refuses_bad_ones(capsys):
+    assert whole_runs.parse_variants("auto=;single=--steps-per-call 1; ") == [
+        ("auto", []), ("single", ["--steps-per-call", "1"])]
+    assert whole_runs.parse_variants("a=--args 'x y'") == [("a", ["--args", "x y"])]
+    for bad, message in [("auto", "is not NAME=ARGS"), ("=--epochs 1", "is not NAME=ARGS"),
+                         ("a=;a=--epochs 2", "distinct names"), (";", "distinct names")]:
+        with pytest.raises(ValueError, match=message):
+            whole_runs.parse_variants(bad)
+    for argv, message in [(["--variants", "x"], "is not NAME=ARGS"),
+                          (["--experiment", "nope"], "no module experiments.nope"),
+                          (["--rounds", "0"], "--rounds must be at least 1")]:
+        with pytest.raises(SystemExit):
+            whole_runs.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_whole_runs_command_compiles_afresh_unless_a_cache_is_named():
+    cmd = whole_runs.run_command("mnist_cnn", ["--epochs", "1"], "/w")
+    assert cmd[1:] == ["-m", "experiments.mnist_cnn", "--epochs", "1", "--workdir", "/w",
+                       "--progress", "none", "--compilation-cache", ""]
+    cached = whole_runs.run_command("digits_mlp", ["--compilation-cache=/c"], "/w")
+    assert cached.count("--compilation-cache") == 0 and cached[-1] == "none"
+
+
+def test_whole_runs_summary_pairs_each_variant_with_the_first_of_its_round():
+    def run(rnd, variant, sps, wall):
+        return {"round": rnd, "variant": variant, "steps_per_s": sps, "wall_s": wall,
+                "process_s": wall + 2, "peak_rss_bytes": 100 + rnd, "test_loss": 0.5,
+                "steps_per_call": 1 if variant == "a" else 25, "num_devices": 1}
+
+    runs = [run(0, "a", 10.0, 40.0), run(0, "b", 15.0, 30.0),
+            run(1, "a", 20.0, 20.0), run(1, "b", 22.0, 25.0),
+            run(2, "a", 0.0, 10.0), run(2, "b", 30.0, 10.0)]  # round 2: no steady steps in a
+    a, b = whole_runs.summarize(runs, ["a", "b"])
+    assert a["steps_per_s_vs_first"] == [1.0, 1.0, None]
+    assert b["steps_per_s_vs_first"] == [1.5, 1.1, None]
+    assert b["steps_per_s_vs_first_median"] == pytest.approx(1.3)
+    assert b["speedup_wall_vs_first"] == pytest.approx([40 / 30, 20 / 25, 1.0])
+    assert b["speedup_process_vs_first"] == pytest.approx([42 / 32, 22 / 27, 1.0])
+    assert b["steps_per_s_median"] == 22.0 and b["peak_rss_bytes_max"] == 102
+    assert b["steps_per_call"] == [25] and a["steps_per_call"] == [1]
+
+
+def test_whole_runs_reports_a_failed_run_in_one_error(capsys):
+    assert whole_runs.main(["--args", "--epochs -1", "--rounds", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "error: variant 'auto'" in err and "--epochs must be > 0, got -1" in err
+
+
 # ----------------------------------------------------------------------------- end to end (slow)
 
 
@@ -523,6 +575,18 @@ def _bench(module: str, *args: str, tmp_path, timeout=900) -> dict:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     (path,) = [p for p in os.listdir(tmp_path) if p.endswith("-cpu-smoke.json")]
     return _load(tmp_path / path)
+
+
+@pytest.mark.slow
+def test_whole_runs_main(tmp_path):
+    doc = _bench("benchmarks.whole_runs", tmp_path=tmp_path)
+    auto, single = doc["runs"]  # digits MLP, 2 epochs, one device: auto fuses 20 per call
+    assert (auto["variant"], auto["steps_per_call"]) == ("auto", 20)
+    assert (single["variant"], single["steps_per_call"]) == ("single", 1)
+    assert auto["test_loss"] == pytest.approx(single["test_loss"], rel=1e-5)
+    assert all(r["steps"] == 40 and r["peak_rss_bytes"] > 0 and r["process_s"] > r["wall_s"]
+               for r in doc["runs"])
+    assert doc["summary"][1]["steps_per_s_vs_first_median"] > 0
 
 
 @pytest.mark.slow
