@@ -195,7 +195,7 @@ def parse_args(argv):
     p.add_argument("--peak-flops", type=float, default=None,
                    help="peak FLOP/s of one device for MFU (H100 SXM bf16 dense: 989e12)")
     p.add_argument("--steps-per-call", type=_int_list, default=[1],
-                   help="steps per compiled call (lax.scan), comma separated: each case "
+                   help="steps per compiled call (loop.fuse_steps), comma separated: each case "
                         "runs once per value, one after the other, and the table gives "
                         "each value's steps/s over the first's (median over --rounds)")
     p.add_argument("--rounds", type=int, default=1,

@@ -21,10 +21,10 @@ reported as ratios jaxtrain / PyTorch):
   through the test evaluation; for jaxtrain that includes compiling the steps and
   the checkpoint saves made inside the loop). ``wall_s`` keeps its old meaning
   (jaxtrain end to end, PyTorch ``train_eval_s``). A floor comes with them
-  (``steps_only``): the run's training steps alone, already compiled, one
-  ``lax.scan`` per epoch; PyTorch's ``train_eval_s`` over it bounds the speedup any
-  jaxtrain loop could show. ``--mlp-rounds`` rounds of warm-cache runs follow, a
-  process each: jaxtrain's defaults, each ``--steps-per-call`` variant, then
+  (``steps_only``): the run's training steps alone, already compiled, one fused
+  call (``loop.fuse_steps``) per epoch; PyTorch's ``train_eval_s`` over it bounds
+  the speedup any jaxtrain loop could show. ``--mlp-rounds`` rounds of warm-cache
+  runs follow, a process each: jaxtrain's defaults, each ``--steps-per-call`` variant, then
   PyTorch; every jaxtrain run's ratio to its round's PyTorch run is kept
   (``warm_vs_torch_rounds``, the defaults' at the top level, each variant's under
   ``variants``).
@@ -80,7 +80,7 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "baseline (NHWC f32)": ({}, ""),
     # what a run with the loop's defaults gets: --cpu-devices auto's split on this host
     AUTO_VARIANT: ({}, ""),
-    # K steps per compiled call (lax.scan), one device: --steps-per-call 4
+    # K steps per compiled call (loop.fuse_steps), one device: --steps-per-call 4
     "4 steps per call": ({"steps_per_call": 4}, ""),
     "bf16": ({"dtype": "bfloat16"}, ""),
     "NCHW layout": ({"model": "cnn_nchw"}, ""),
@@ -559,9 +559,9 @@ def jax_train(case: dict[str, Any]) -> dict[str, Any]:
 def jax_steps_only(case: dict[str, Any]) -> dict[str, Any]:
     """The floor under any jaxtrain loop: the whole run's training steps and nothing else.
 
-    Same initial state, batch order and step as ``train_and_evaluate``, one
-    ``lax.scan`` per epoch over device-resident data, already compiled: no
-    evaluation, checkpoint, metrics or compile. ``steps_only_s`` is the best of
+    Same initial state, batch order and step as ``train_and_evaluate``, one fused
+    call (``loop.fuse_steps``) per epoch over device-resident data, already compiled:
+    no evaluation, checkpoint, metrics or compile. ``steps_only_s`` is the best of
     ``repeats`` passes over every step of the run; no loop around these steps can
     train in less. Beside it, this CPU's f32 matmul rate (a 1024^3 dot) puts the
     step's achieved GFLOP/s in context."""
@@ -760,7 +760,7 @@ def suite_mlp(args, threads) -> dict[str, Any]:
     flops_s = floor.get("achieved_flops_per_s")
     matmul_s = floor.get("matmul_1024_flops_per_s")
     print(f"steps only: {floor.get('steps', '?')} steps in {floor.get('steps_only_s', 0):.3f} s "
-          f"(one lax.scan per epoch, data resident, compiled before timing), "
+          f"(one fused call per epoch, data resident, compiled before timing), "
           f"{(flops_s or 0) / 1e9:.1f} GFLOP/s against {(matmul_s or 0) / 1e9:.1f} GFLOP/s for "
           f"a 1024^3 f32 matmul on this CPU: no jaxtrain loop can beat PyTorch's train_eval by "
           f"more than {bound or float('nan'):.2f}x here")

@@ -335,8 +335,11 @@ def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callabl
     stacked ``[K]``, zeros after the first ``n``. Same steps, same results as ``n``
     separate calls. Because ``n`` is an argument, a call of fewer steps (up to an eval
     step) runs the same program: no second compile. A ``fori_loop`` with a runtime
-    ``n`` ran as fast as a ``lax.scan`` of static length on XLA:CPU (MLP and MNIST
-    CNN, 6 interleaved rounds: 1.01x); a scan over ``lax.cond(i < n)`` ran 0.90x.
+    ``n`` ran as fast as a ``lax.scan`` of static length on XLA:CPU, within noise
+    (medians of 6 interleaved rounds: MNIST CNN 1.01x at K=8; MLP 1.01x and 0.92x at
+    K=10, 1.03x at K=20); a scan over ``lax.cond(i < n)`` ran 0.90x. On a GPU the
+    loop's condition may cost a host round trip per step: not measured yet
+    (the fused_steps step of ``gpu_check.sh`` does; auto fuses on CPU only).
 
     One device only (the loop refuses more). The host batch's ``[K, B]`` rows are
     flattened and each step gathers its own, because slicing the stacked batch with a
