@@ -348,8 +348,13 @@ def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callabl
     step fused runs as fast as alone on XLA:CPU."""
 
     def loop_k(one_step, state, rows_KB, n):
-        """``one_step(state, rows_B)`` for the first ``n`` of ``rows_KB``; metrics ``[K]``."""
-        m_shape = jax.eval_shape(lambda st: one_step(st, rows_KB[0])[1], state)
+        """``one_step(state, rows_B)`` for the first ``n`` of ``rows_KB``; metrics ``[K]``.
+
+        ``one_step`` is jitted so that the loop body reuses the trace that finds the
+        metrics' shapes (jit's trace cache): the step is traced once, not twice (the
+        digits MLP's fused trace: ~0.05 s against ~0.11 s, the same program bit for bit)."""
+        one_step = jax.jit(one_step)
+        m_shape = jax.eval_shape(one_step, state, rows_KB[0])[1]
         metrics = jax.tree.map(lambda a: jnp.zeros((k, *a.shape), a.dtype), m_shape)
 
         def body(i, carry):
