@@ -68,7 +68,7 @@ def run_once(experiment: str, argv: list[str]) -> dict[str, Any]:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
             _, status, usage = os.wait4(proc.pid, 0)
             process_s = time.perf_counter() - t0
-            proc.returncode = os.waitstatus_to_exitcode(status)
+            proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4, for its rusage
             if proc.returncode != 0:
                 log.seek(0)
                 tail = log.read()[-2000:]

@@ -398,9 +398,11 @@ AUTO_FUSED_MODELS = frozenset({"mlp", "cnn", "resnet_tiny"})
 AUTO_MAX_STEPS_PER_CALL = 32
 
 
-def auto_boundaries(config: TrainConfig, per_epoch: int) -> tuple[int, ...]:
-    """The steps auto's calls end on: every eval, checkpoint and log step (0 = none)."""
-    return (config.eval_every or per_epoch, config.checkpoint_every, config.log_every)
+def call_boundaries(config: TrainConfig, per_epoch: int, *, logs: bool) -> tuple[int, ...]:
+    """The intervals no compiled call crosses: eval and checkpoint steps, and with
+    ``logs`` (auto) log steps too (0 = none)."""
+    every = (config.eval_every or per_epoch, config.checkpoint_every)
+    return (*every, config.log_every) if logs else every
 
 
 def auto_steps_per_call(
@@ -409,18 +411,19 @@ def auto_steps_per_call(
     """``config.steps_per_call``, or for 0 (auto) the most steps a compiled call runs.
 
     Auto fuses on one CPU device (one seed) for ``AUTO_FUSED_MODELS``. Its calls end on
-    every eval, checkpoint and log step (``auto_boundaries``), so the run writes exactly
+    every eval, checkpoint and log step (``call_boundaries``), so the run writes exactly
     what single steps write; a call runs ``k`` steps or fewer, up to the next of those
     (one program: ``fuse_steps``). ``k``: the smallest that makes as few calls over the
     whole run as ``AUTO_MAX_STEPS_PER_CALL`` (digits, 20 steps per epoch, log every 50:
-    20; MNIST, 421 per epoch: 25). 1 anywhere else, or when every interval is 1 step."""
+    20; MNIST, 421 per epoch: 25 for one epoch, 29 for five, whose intervals include
+    the 29 steps from 421 to the log at 450). 1 anywhere else, or when every interval is 1 step."""
     if config.steps_per_call:
         return config.steps_per_call
     if (seeded or strategy_kind != "none" or platform != "cpu"
             or config.model not in AUTO_FUSED_MODELS):
         return 1
     total = config.epochs * per_epoch
-    ends = [np.arange(b, total, b) for b in auto_boundaries(config, per_epoch) if b]
+    ends = [np.arange(b, total, b) for b in call_boundaries(config, per_epoch, logs=True) if b]
     gaps = np.diff(np.unique(np.concatenate([[0, total], *ends])))
     fewest = int(np.sum(-(-gaps // AUTO_MAX_STEPS_PER_CALL)))
     return next(k for k in range(1, AUTO_MAX_STEPS_PER_CALL + 1)
@@ -732,8 +735,7 @@ def train_and_evaluate(
     # an explicit K crosses log steps (the log line comes at the call's end); auto's
     # calls end on them too, so its files are those of single steps
     chunks = call_plan(start_step, total_steps, steps_per_call,
-                       auto_boundaries(config, per_epoch) if not config.steps_per_call else
-                       (config.eval_every or per_epoch, config.checkpoint_every))
+                       call_boundaries(config, per_epoch, logs=not config.steps_per_call))
     state = put_state(host_state)
     pid, nproc = jax.process_index(), jax.process_count()
     local_rows = slice(pid * config.batch_size // nproc, (pid + 1) * config.batch_size // nproc)
@@ -767,11 +769,6 @@ def train_and_evaluate(
     if resident:
         inputs = prefetch(((n, put_batch(stacked(indices, s, n))) for s, n in chunks),
                           lambda x: x)
-
-        def call(st, x):
-            if fused is None:
-                return update(st, train_data, x[1], key)
-            return fused(st, train_data, x[1], np.int32(x[0]), key)
     else:
         def host_batch(step):
             return {k: v[indices(step)] for k, v in dataset.train.items()}
@@ -779,8 +776,11 @@ def train_and_evaluate(
         inputs = prefetch(((n, stacked(host_batch, s, n)) for s, n in chunks),
                           lambda x: (x[0], put_batch(x[1])))
 
-        def call(st, x):
-            return update(st, x[1], key) if fused is None else fused(st, x[1], np.int32(x[0]), key)
+    def call(st, x):
+        """One compiled call of ``x[0]`` steps on ``x[1]`` (indices, or the host batch)."""
+        data = (train_data, x[1]) if resident else (x[1],)
+        return update(st, *data, key) if fused is None else fused(st, *data, np.int32(x[0]), key)
+
     run_eval = functools.partial(evaluate, put_eval, get, evaluate_fn)
     # the validation batches, placed once, when the training data sits on the devices too
     val_placed = list(eval_inputs(put_eval, dataset.val, eval_batch)) if resident else None
