@@ -96,8 +96,8 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     update = loop.fuse_steps(single, k, resident=True) if k > 1 else single
     kind = case.get("parallel", "none")
     strategy = parallel.create_strategy(kind, int(case.get("devices", 0)))
-    if strategy.kind != "none" and k > 1:
-        raise ValueError("a benchmark case takes parallel or steps_per_call, not both")
+    if k > 1 and (needs := loop.fusing_needs(strategy.kind, resident=True)):
+        raise ValueError(f"steps_per_call {k} needs {needs}")
     strategy.check_batch_size(bs)
     # placed as the loop places them: state, data and key replicated, batch indices sharded
     state = strategy.replicate(state)
@@ -105,8 +105,9 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     key = strategy.replicate(loop.step_key(0))
     fused_n = (np.int32(k),) if k > 1 else ()  # a fused call runs all k (fuse_steps' n)
     shape = (k, bs) if k > 1 else (bs,)
-    idxs = [strategy.shard(np.resize(data_lib.batch_indices(0, s, n_train, bs), shape)
-                           .astype(np.int32)) for s in range(4)]
+    put = strategy.shard_steps if k > 1 else strategy.shard  # [K, B]: sharded on B
+    idxs = [put(np.resize(data_lib.batch_indices(0, s, n_train, bs), shape).astype(np.int32))
+            for s in range(4)]
     t_setup = time.perf_counter() - t0
 
     jitted = strategy.compile(update, donate_argnums=(0,))

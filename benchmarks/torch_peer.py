@@ -78,7 +78,8 @@ CONV_ENV = "JAXTRAIN_XLA_CPU_CONV"  # jaxtrain.compile_options.ENV (not imported
 # jaxtrain CNN variants for the MNIST-shape comparison: name -> (case changes, XLA flags).
 CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "baseline (NHWC f32)": ({}, ""),
-    # what a run with the loop's defaults gets: --cpu-devices auto's split on this host
+    # what a run with the loop's defaults gets: --cpu-devices auto's split on this host,
+    # and --steps-per-call auto's K (_auto_cpu_devices_variant)
     AUTO_VARIANT: ({}, ""),
     # K steps per compiled call (loop.fuse_steps), one device: --steps-per-call 4
     "4 steps per call": ({"steps_per_call": 4}, ""),
@@ -776,14 +777,25 @@ def suite_mlp(args, threads) -> dict[str, Any]:
             "steps_only": {**floor, "speedup_bound_vs_torch_train_eval": bound}}
 
 
+MNIST_TRAIN = 60_000  # MNIST's train split, before the loop holds out validation
+
+
 def _auto_cpu_devices_variant(base: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """``AUTO_VARIANT`` on this host: the split ``--cpu-devices 0`` makes for ``base``
-    (its data's image shape), or one device where it makes none."""
-    from jaxtrain.parallel import auto_cpu_devices, usable_cores  # imports jax, starts nothing
+    (its data's image shape), or one device where it makes none, with the steps per
+    call ``--steps-per-call 0`` fuses there over ``mnist_cnn``'s default run on MNIST
+    (timed here with every call running all of them)."""
+    from experiments.mnist_cnn import DEFAULTS  # imports jax, starts nothing
+    from jaxtrain import loop
+    from jaxtrain.parallel import auto_cpu_devices, usable_cores
 
     hw = throughput.SHAPES[base.get("data", "mnist")][:2]
     n = auto_cpu_devices(base["model"], base["batch_size"], hw, usable_cores())
-    return _on_cpu_devices("mesh", n) if n > 1 else ({}, "")
+    config = DEFAULTS.replace(model=base["model"], batch_size=base["batch_size"])
+    per_epoch = (MNIST_TRAIN - round(MNIST_TRAIN * config.val_fraction)) // config.batch_size
+    k = loop.auto_steps_per_call(config, "cpu", "mesh" if n > 1 else "none", False, per_epoch)
+    changes = {"steps_per_call": k} if k > 1 else {}
+    return _on_cpu_devices("mesh", n, **changes) if n > 1 else (changes, "")
 
 
 def suite_cnn(args, threads, platform: str) -> dict[str, Any]:

@@ -68,7 +68,8 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 50
     # fuse up to this many training steps into one compiled call (a loop); 1 = off; 0 = auto
-    # (loop.auto_steps_per_call: fused where it was measured faster). One device, one seed.
+    # (loop.auto_steps_per_call: fused where it was measured faster). One seed; one device
+    # or a mesh with device-resident data (loop.fusing_needs).
     steps_per_call: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -362,7 +363,7 @@ FLAG_HELP = {
     "seed_chunk": "seeds each device computes at a time; 0 = as many as fit in free memory",
     "steps_per_call": "training steps fused into one compiled call (a loop of up to K; "
                       "calls end early on eval and checkpoint steps); 1 = off, 0 = auto: "
-                      "fused on one CPU device for the models measured faster so (mlp, cnn, "
+                      "fused on CPU devices for the models measured faster so (mlp, cnn, "
                       "resnet_tiny), in calls that end on every log, eval and checkpoint step",
     "data_placement": "where the training split lives: device (batches gathered in the "
                       "step), host (prefetched batches) or auto (device when it fits)",

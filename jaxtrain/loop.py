@@ -341,11 +341,14 @@ def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callabl
     loop's condition may cost a host round trip per step: not measured yet
     (the fused_steps step of ``gpu_check.sh`` does; auto fuses on CPU only).
 
-    One device only (the loop refuses more). The host batch's ``[K, B]`` rows are
-    flattened and each step gathers its own, because slicing the stacked batch with a
-    dynamic-slice is fused by XLA:CPU into the consumers and evaluated per element
-    (1.6-1.7x slower per CNN step); a gather stays its own fusion. Both ways, a conv
-    step fused runs as fast as alone on XLA:CPU."""
+    Runs on one device, or with resident data on a ``mesh`` too (``idx_KB`` sharded on
+    its batch axis, ``Strategy.shard_steps``; the loop refuses the rest). The host
+    batch's ``[K, B]`` rows are flattened and each step gathers its own, because slicing
+    the stacked batch with a dynamic-slice is fused by XLA:CPU into the consumers and
+    evaluated per element (1.6-1.7x slower per CNN step); a gather stays its own
+    fusion. Both ways, a conv step fused runs as fast as alone on XLA:CPU. On a mesh
+    neither is local to a device (GSPMD moves the rows: 2 CPU devices ran the MNIST CNN
+    0.66x (gather) and 0.80x (dynamic-slice) of single steps), hence resident only."""
 
     def loop_k(one_step, state, rows_KB, n):
         """``one_step(state, rows_B)`` for the first ``n`` of ``rows_KB``; metrics ``[K]``.
@@ -406,11 +409,13 @@ def call_boundaries(config: TrainConfig, per_epoch: int, *, logs: bool) -> tuple
 
 
 def auto_steps_per_call(
-    config: TrainConfig, platform: str, strategy_kind: str, seeded: bool, per_epoch: int
+    config: TrainConfig, platform: str, strategy_kind: str, seeded: bool, per_epoch: int,
+    *, resident: bool = True, processes: int = 1,
 ) -> int:
     """``config.steps_per_call``, or for 0 (auto) the most steps a compiled call runs.
 
-    Auto fuses on one CPU device (one seed) for ``AUTO_FUSED_MODELS``. Its calls end on
+    Auto fuses on CPU devices, one seed, for ``AUTO_FUSED_MODELS``: on one device, or on
+    a mesh of one process with resident data (``fusing_needs``). Its calls end on
     every eval, checkpoint and log step (``call_boundaries``), so the run writes exactly
     what single steps write; a call runs ``k`` steps or fewer, up to the next of those
     (one program: ``fuse_steps``). ``k``: the smallest that makes as few calls over the
@@ -419,8 +424,8 @@ def auto_steps_per_call(
     the 29 steps from 421 to the log at 450). 1 anywhere else, or when every interval is 1 step."""
     if config.steps_per_call:
         return config.steps_per_call
-    if (seeded or strategy_kind != "none" or platform != "cpu"
-            or config.model not in AUTO_FUSED_MODELS):
+    if (seeded or platform != "cpu" or config.model not in AUTO_FUSED_MODELS
+            or fusing_needs(strategy_kind, resident) or processes > 1):
         return 1
     total = config.epochs * per_epoch
     ends = [np.arange(b, total, b) for b in call_boundaries(config, per_epoch, logs=True) if b]
@@ -430,14 +435,28 @@ def auto_steps_per_call(
                 if int(np.sum(-(-gaps // k))) == fewest)
 
 
-def resolve_cpu_devices(config: TrainConfig, image_shape: tuple[int, ...]) -> int:
+def fusing_needs(strategy_kind: str, resident: bool) -> str:
+    """What K steps per call (``fuse_steps``) need that this strategy and data placement
+    lack, "" when nothing: they run on one device, or on a ``mesh`` with the training
+    data on the devices."""
+    if strategy_kind == "pmap":
+        return "one device or a mesh (--parallel none, mesh or auto), not --parallel pmap"
+    if strategy_kind == "mesh" and not resident:
+        return ("the training data on the devices (--data-placement device) when it runs "
+                "on several; or one device (--parallel none)")
+    return ""
+
+
+def resolve_cpu_devices(config: TrainConfig, image_shape: tuple[int, ...],
+                        resident: bool = True) -> int:
     """``config.cpu_devices``, or for 0 (auto) the CPU devices to make (0 = JAX's one).
 
-    Auto splits a single-process, one-seed run with every device and the default
-    one step per call (``--parallel`` auto, mesh or pmap) by ``parallel.auto_cpu_devices``'s
-    rule, unless the device count is already fixed (``JAX_NUM_CPU_DEVICES``,
-    ``--xla_force_host_platform_device_count`` or ``jax_num_cpu_devices`` set).
-    Harmless on a GPU host: the CPU devices it makes go unused."""
+    Auto splits a single-process, one-seed run with every device (``--parallel`` auto,
+    mesh or pmap) by ``parallel.auto_cpu_devices``'s rule, unless the device count is
+    already fixed (``JAX_NUM_CPU_DEVICES``, ``--xla_force_host_platform_device_count``
+    or ``jax_num_cpu_devices`` set), or an explicit ``--steps-per-call`` K > 1 could not
+    run on several (host data: ``fusing_needs``). Harmless on a GPU host: the CPU
+    devices it makes go unused."""
     if config.cpu_devices:
         return config.cpu_devices
     try:
@@ -446,7 +465,7 @@ def resolve_cpu_devices(config: TrainConfig, image_shape: tuple[int, ...]) -> in
     except distributed.DistributedError:  # distributed.initialize says why
         return 0
     if (group is not None or config.num_seeds > 1 or config.parallel == "none"
-            or config.devices or config.steps_per_call > 1
+            or config.devices or (config.steps_per_call > 1 and not resident)
             or "JAX_NUM_CPU_DEVICES" in os.environ
             or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
             or jax.config.jax_num_cpu_devices != -1):
@@ -631,9 +650,13 @@ def train_and_evaluate(
         synthetic_classes=config.synthetic_classes,
     )
 
+    resident = config.data_placement == "device" or (
+        config.data_placement == "auto" and dataset.train["image"].nbytes <= DEVICE_DATA_BYTES
+    )
+
     # --- devices ---------------------------------------------------------------------
     # Joins a multi-process run (flags or SLURM / Open MPI) before anything touches a device.
-    use_cpu_devices(resolve_cpu_devices(config, dataset.image_shape),
+    use_cpu_devices(resolve_cpu_devices(config, dataset.image_shape, resident),
                     strict=bool(config.cpu_devices))
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
     is_main = jax.process_index() == 0
@@ -643,9 +666,8 @@ def train_and_evaluate(
     seeded = len(seeds) > 1
     if seeded:
         check_seed_strategy(strategy, len(seeds), config.seed_parallel)
-    if config.steps_per_call > 1 and strategy.kind != "none":
-        raise ConfigError(f"--steps-per-call {config.steps_per_call} needs one device "
-                          f"(--parallel none or --devices 1), not --parallel {strategy.kind}")
+    if config.steps_per_call > 1 and (needs := fusing_needs(strategy.kind, resident)):
+        raise ConfigError(f"--steps-per-call {config.steps_per_call} needs {needs}")
     eval_batch = -(-config.eval_batch_size // strategy.shards) * strategy.shards
 
     n_train = len(dataset.train["label"])
@@ -661,10 +683,8 @@ def train_and_evaluate(
     per_epoch = data_lib.steps_per_epoch(n_train, config.batch_size)
     total_steps = config.epochs * per_epoch
     steps_per_call = auto_steps_per_call(config, strategy.devices[0].platform, strategy.kind,
-                                         seeded, per_epoch)
-    resident = config.data_placement == "device" or (
-        config.data_placement == "auto" and dataset.train["image"].nbytes <= DEVICE_DATA_BYTES
-    )
+                                         seeded, per_epoch, resident=resident,
+                                         processes=jax.process_count())
 
     # --- model, state, checkpoint -----------------------------------------------------
     setup_compilation_cache(config.compilation_cache)  # before the first compile (init)
@@ -732,6 +752,8 @@ def train_and_evaluate(
     if steps_per_call > 1:
         fused = strategy.compile(fuse_steps(update_fn, steps_per_call, resident=resident),
                                  donate_argnums=(0,))
+        if strategy.kind == "mesh":  # [K, B] indices, sharded on B
+            put_batch = strategy.shard_steps
     # an explicit K crosses log steps (the log line comes at the call's end); auto's
     # calls end on them too, so its files are those of single steps
     chunks = call_plan(start_step, total_steps, steps_per_call,

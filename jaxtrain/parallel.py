@@ -126,6 +126,20 @@ class Strategy:
 
         return jax.tree.map(put, tree)
 
+    def shard_steps(self, tree: PyTree) -> PyTree:
+        """This process's rows of ``K`` steps' global batches ``[K, B / processes, ...]``
+        -> a global ``[K, B, ...]`` array sharded over devices on its batch axis (a fused
+        call's input, ``loop.fuse_steps``): each step's rows sit where ``shard`` puts them.
+        ``none`` and ``mesh`` only (a ``pmap`` function maps a leading device axis)."""
+        if self.kind == "none":
+            return jax.device_put(tree, self.devices[0])
+        if self.kind == "pmap":
+            raise ParallelError("steps stacked for one call run on one device or a mesh, "
+                                "not --parallel pmap")
+        sharding = NamedSharding(self.mesh, P(None, AXIS))
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
     def unreplicate(self, tree: PyTree) -> PyTree:
         """One copy of a replicated tree, as host numpy arrays."""
 

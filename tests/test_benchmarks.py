@@ -168,6 +168,12 @@ def test_throughput_main_writes_consistent_figures(tmp_path, monkeypatch, capsys
         assert par["num_devices"] == 2 and par["param_count"] == r["param_count"]
         assert par["flops_per_step"] == r["flops_per_step"]
         assert par["first_loss"] == pytest.approx(r["first_loss"], rel=1e-5)
+    # and fused over a mesh ([K, B] indices sharded on B)
+    par = throughput.measure_case({**r, "parallel": "mesh", "devices": 2, "steps_per_call": 3})
+    assert (par["num_devices"], par["steps_per_call"]) == (2, 3)
+    assert par["first_loss"] == pytest.approx(r["first_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="steps_per_call 3 needs one device or a mesh"):
+        throughput.measure_case({**r, "parallel": "pmap", "devices": 2, "steps_per_call": 3})
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -335,7 +341,7 @@ def test_fused_conv_steps_are_single_steps_and_loop_over_row_indices(resident):
     assert all(e.params["mode"] == jax.lax.GatherScatterMode.CLIP for e in batch_gathers)
 
 
-def test_auto_steps_per_call_fuses_the_measured_models_on_one_cpu_device():
+def test_auto_steps_per_call_fuses_the_measured_models_on_cpu_devices():
     auto = functools.partial(loop.auto_steps_per_call, platform="cpu", strategy_kind="none",
                              seeded=False, per_epoch=20)
     mlp = DEFAULTS.replace(steps_per_call=0)  # 10 epochs, eval every epoch, log every 50 steps
@@ -351,7 +357,10 @@ def test_auto_steps_per_call_fuses_the_measured_models_on_one_cpu_device():
     assert auto(mlp.replace(model="cnn")) == 20 and auto(mlp.replace(model="resnet_tiny")) == 20
     assert auto(mlp.replace(model="resnet18")) == 1  # ~1 s steps on CPU, 1.07x fused
     assert auto(mlp, platform="gpu") == 1
-    assert auto(mlp, strategy_kind="mesh") == 1
+    assert auto(mlp, strategy_kind="mesh") == 20  # a mesh of CPU devices, resident data
+    assert auto(mlp, strategy_kind="mesh", resident=False) == 1  # 0.66-0.80x: not local
+    assert auto(mlp, strategy_kind="mesh", processes=2) == 1  # not measured
+    assert auto(mlp, strategy_kind="pmap") == 1
     assert auto(mlp, seeded=True) == 1
 
 
@@ -360,17 +369,70 @@ def test_torch_peer_default_cnn_variant_is_what_auto_cpu_devices_picks(monkeypat
 
     assert torch_peer.AUTO_VARIANT in torch_peer.CNN_VARIANTS
     monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    # mnist_cnn's default run: 5 epochs of 421 steps, K=29 (auto_steps_per_call)
     assert torch_peer._auto_cpu_devices_variant({"model": "cnn", "batch_size": 128}) == (
-        {"parallel": "mesh", "devices": 2}, "--xla_force_host_platform_device_count=2")
-    assert torch_peer._auto_cpu_devices_variant({"model": "cnn", "batch_size": 16}) == ({}, "")
+        {"parallel": "mesh", "devices": 2, "steps_per_call": 29},
+        "--xla_force_host_platform_device_count=2")
+    # batch 16: no split (too few pixels per device), one device fused
+    from experiments.mnist_cnn import DEFAULTS as MNIST
+
+    k16 = loop.auto_steps_per_call(MNIST.replace(batch_size=16), "cpu", "none", False,
+                                   54_000 // 16)
+    assert k16 > 1
+    assert torch_peer._auto_cpu_devices_variant({"model": "cnn", "batch_size": 16}) == (
+        {"steps_per_call": k16}, "")
 
 
-def test_steps_per_call_refuses_several_devices_and_seeds(tmp_path):
-    with pytest.raises(ConfigError, match="--steps-per-call 4 needs one device"):
-        loop.train_and_evaluate(FAST.replace(parallel="mesh", steps_per_call=4),
-                                str(tmp_path / "mesh"))
+def test_steps_per_call_refuses_pmap_host_data_on_a_mesh_and_seeds(tmp_path):
+    with pytest.raises(ConfigError, match=r"--steps-per-call 4 needs one device or a mesh "
+                                          r"\(--parallel none, mesh or auto\), not --parallel pmap"):
+        loop.train_and_evaluate(FAST.replace(parallel="pmap", steps_per_call=4),
+                                str(tmp_path / "pmap"))
+    with pytest.raises(ConfigError, match=r"--steps-per-call 4 needs the training data on "
+                                          r"the devices \(--data-placement device\)"):
+        loop.train_and_evaluate(FAST.replace(parallel="mesh", steps_per_call=4,
+                                             data_placement="host"), str(tmp_path / "host"))
+    assert not os.path.exists(tmp_path / "pmap") and not os.path.exists(tmp_path / "host")
     with pytest.raises(ConfigError, match="--steps-per-call > 1 runs one seed only"):
         FAST.replace(num_seeds=2, steps_per_call=2).validate()
+
+
+def test_steps_per_call_on_a_mesh_trains_like_single_steps_and_one_device(tmp_path, caplog):
+    """Fused calls over a mesh of 4 devices (the [K, B] indices sharded on B:
+    Strategy.shard_steps) write the lines single steps on the same mesh write, and end
+    with their params; both match one device's. auto fuses there too, compiling the
+    fused program only."""
+    runs = {"mesh K=1": dict(parallel="mesh", devices=4, steps_per_call=1),
+            "mesh auto": dict(parallel="mesh", devices=4),
+            "mesh K=6": dict(parallel="mesh", devices=4, steps_per_call=6),
+            "one device": dict(parallel="none", steps_per_call=1)}
+    params, lines, compiled, summaries = {}, {}, {}, {}
+    for name, changes in runs.items():
+        workdir = str(tmp_path / name.replace(" ", "_"))
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+            summaries[name] = loop.train_and_evaluate(
+                FAST.replace(dropout=0.2, log_every=7, **changes), workdir)
+        compiled[name] = re.findall(r"Compiling jit\((update|fused)\)", caplog.text)
+        params[name] = load_params(workdir)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            lines[name] = [json.loads(line) for line in f]
+    assert [summaries[n]["steps_per_call"] for n in runs] == [1, 7, 6, 1]
+    assert [summaries[n]["num_devices"] for n in runs] == [4, 4, 4, 1]
+    assert compiled["mesh auto"] == compiled["mesh K=6"] == ["fused"]
+    assert compiled["mesh K=1"] == ["update"]
+    ref = lines["mesh K=1"]
+    assert [(r["step"], r["split"]) for r in lines["mesh auto"]] == [
+        (r["step"], r["split"]) for r in ref]
+    for a, b in zip(lines["mesh auto"], ref):
+        for name, value in a.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(b[name], rel=1e-5, abs=1e-6), name
+    for name in ("mesh auto", "mesh K=6"):
+        assert _max_diff(params[name], params["mesh K=1"]) < 1e-6, name
+    assert _max_diff(params["one device"], params["mesh K=1"]) < 1e-5
+    assert summaries["mesh auto"]["test_loss"] == pytest.approx(
+        summaries["one device"]["test_loss"], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- bfloat16

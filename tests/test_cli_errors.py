@@ -186,8 +186,13 @@ BAD = [
         "device(s)); start a new process or set JAX_NUM_CPU_DEVICES=3"),
     Bad("seeds-with-pmap", ("--num-seeds", "2", "--parallel", "pmap"),
         "--num-seeds > 1 runs with --parallel mesh or none, not pmap"),
-    Bad("steps-per-call-on-a-mesh", ("--steps-per-call", "4"),
-        "--steps-per-call 4 needs one device (--parallel none or --devices 1), not --parallel mesh"),
+    Bad("steps-per-call-with-pmap", ("--steps-per-call", "4", "--parallel", "pmap"),
+        "--steps-per-call 4 needs one device or a mesh (--parallel none, mesh or auto), "
+        "not --parallel pmap"),
+    Bad("steps-per-call-on-a-mesh-with-host-data",
+        ("--steps-per-call", "4", "--data-placement", "host"),
+        "--steps-per-call 4 needs the training data on the devices (--data-placement device) "
+        "when it runs on several; or one device (--parallel none)"),
     # --- paths
     Bad("workdir-is-a-file", (), "is a file, not a directory", workdir="file"),
     Bad("workdir-under-a-file", (), "cannot be created:", workdir="under-file"),

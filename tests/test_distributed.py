@@ -237,6 +237,16 @@ def test_cli_two_processes_seed_run_matches_one_process(tmp_path):
     assert s2["test_accuracy_per_seed"] == s1["test_accuracy_per_seed"]
 
 
+@pytest.mark.slow
+def test_cli_two_processes_fused_steps_match_one_process(tmp_path):
+    """--steps-per-call 5 over a mesh that spans 2 processes (each places its rows of
+    the [K, B] indices: Strategy.shard_steps) equals the same run in one process."""
+    _, _, s2, s1 = cli_two_and_one(tmp_path, "--epochs", "1", "--steps-per-call", "5")
+    assert s2["steps_per_call"] == s1["steps_per_call"] == 5
+    assert s2["test_accuracy"] == s1["test_accuracy"]
+    assert s2["test_loss"] == pytest.approx(s1["test_loss"], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- detection
 
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxtrain import data as data_lib
 from jaxtrain import models
@@ -436,8 +437,8 @@ def test_resolve_cpu_devices_applies_auto_only_where_the_run_is_free_to_split(mo
     monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
     base = TrainConfig(model="cnn", dataset="synthetic", batch_size=128)
 
-    def resolve(image_shape=(28, 28, 1), **changes):
-        return loop.resolve_cpu_devices(base.replace(**changes), image_shape)
+    def resolve(image_shape=(28, 28, 1), resident=True, **changes):
+        return loop.resolve_cpu_devices(base.replace(**changes), image_shape, resident)
 
     assert resolve() == 2
     assert resolve(batch_size=256) == 4
@@ -446,11 +447,14 @@ def test_resolve_cpu_devices_applies_auto_only_where_the_run_is_free_to_split(mo
     assert resolve(model="mlp") == 0
     assert resolve((8, 8, 1)) == 0
     for changes in ({"num_seeds": 2}, {"parallel": "none"}, {"devices": 2},
-                    {"steps_per_call": 4}, {"coordinator_address": "127.0.0.1:1234",
-                                            "num_processes": 2, "process_id": 0}):
+                    {"coordinator_address": "127.0.0.1:1234",
+                     "num_processes": 2, "process_id": 0}):
         assert resolve(**changes) == 0, changes
     assert resolve(parallel="pmap") == 2
     assert resolve(steps_per_call=1) == 2
+    assert resolve(steps_per_call=4) == 2  # fused calls run on a mesh with resident data ...
+    assert resolve(steps_per_call=4, resident=False) == 0  # ... not with host batches
+    assert resolve(resident=False) == 2  # single steps split either way
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")  # a cluster's processes: never split
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_STEP_NODELIST", "node1")
@@ -547,6 +551,28 @@ def test_shard_places_rows_in_order(kind):
         for d, shard in enumerate(shards):
             np.testing.assert_array_equal(np.asarray(shard.data)[0], x[2 * d: 2 * d + 2])
     np.testing.assert_array_equal(np.asarray(placed).reshape(8, 3), x)
+
+
+@pytest.mark.parametrize("kind", ["none", "mesh"])
+def test_shard_steps_puts_each_steps_rows_where_shard_puts_them(kind):
+    """``[K, B, ...]`` stacked steps (a fused call's input): step k's rows sit on the
+    devices that ``shard`` gives that step's batch alone."""
+    strategy = create_strategy(kind, 4)
+    x = np.arange(3 * 8 * 2, dtype=np.int32).reshape(3, 8, 2)
+    placed = strategy.shard_steps({"x": x})["x"]
+    np.testing.assert_array_equal(np.asarray(placed), x)
+    for k in range(3):
+        alone = strategy.shard(x[k])
+        where = {d: np.asarray(s.data) for s in alone.addressable_shards for d in [s.device]}
+        for s in placed.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(s.data)[k], where[s.device])
+    if kind == "mesh":
+        assert placed.sharding.spec == P(None, AXIS)
+
+
+def test_shard_steps_refuses_pmap():
+    with pytest.raises(ParallelError, match="run on one device or a mesh, not --parallel pmap"):
+        create_strategy("pmap", 4).shard_steps(np.zeros((3, 8), np.int32))
 
 
 # ----------------------------------------------------------------------------- CPU in-flight cap
