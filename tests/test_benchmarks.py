@@ -402,10 +402,10 @@ def test_steps_per_call_on_a_mesh_trains_like_single_steps_and_one_device(tmp_pa
     Strategy.shard_steps) write the lines single steps on the same mesh write, and end
     with their params; both match one device's. auto fuses there too, compiling the
     fused program only."""
-    runs = {"mesh K=1": dict(parallel="mesh", devices=4, steps_per_call=1),
-            "mesh auto": dict(parallel="mesh", devices=4),
-            "mesh K=6": dict(parallel="mesh", devices=4, steps_per_call=6),
-            "one device": dict(parallel="none", steps_per_call=1)}
+    runs = {"mesh K=1": {"parallel": "mesh", "devices": 4, "steps_per_call": 1},
+            "mesh auto": {"parallel": "mesh", "devices": 4},
+            "mesh K=6": {"parallel": "mesh", "devices": 4, "steps_per_call": 6},
+            "one device": {"parallel": "none", "steps_per_call": 1}}
     params, lines, compiled, summaries = {}, {}, {}, {}
     for name, changes in runs.items():
         workdir = str(tmp_path / name.replace(" ", "_"))
