@@ -472,14 +472,14 @@ def test_resolve_cpu_devices_applies_auto_only_where_the_run_is_free_to_split(mo
 def test_auto_cpu_devices_trains_the_cnn_over_the_cores_like_one_device(tmp_path):
     """A fresh process with no device count fixed (``--cpu-devices`` left at auto)
     splits the MNIST-shape CNN at batch 128 over the cores (``--parallel auto`` =
-    mesh), records the count, and trains as one device does."""
+    mesh) and fuses its steps, records the count, and trains as one device does."""
     from jaxtrain.loop import train_and_evaluate
     from jaxtrain.parallel import auto_cpu_devices, usable_cores
 
     want = auto_cpu_devices("cnn", 128, (28, 28), usable_cores())
     if want < 2:
         pytest.skip(f"auto makes no split on {usable_cores()} core(s)")
-    flags = ["--dataset", "synthetic", "--synthetic-shape", "28,28,1", "--synthetic-size", "320",
+    flags = ["--dataset", "synthetic", "--synthetic-shape", "28,28,1", "--synthetic-size", "640",
              "--epochs", "1", "--eval-batch-size", "128", "--progress", "none",
              "--compilation-cache", ""]
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
@@ -490,13 +490,14 @@ def test_auto_cpu_devices_trains_the_cnn_over_the_cores_like_one_device(tmp_path
     assert proc.returncode == 0, proc.stderr
     auto = json.loads((tmp_path / "auto" / "summary.json").read_text())
     assert (auto["num_devices"], auto["strategy"]) == (want, "mesh")
+    assert auto["steps"] == 3 and auto["steps_per_call"] == 3  # and fuses them: one call
     manifest = json.loads((tmp_path / "auto" / "config.json").read_text())
     assert (manifest["cpu_devices"], manifest["config"]["cpu_devices"]) == (want, 0)
 
     from experiments.mnist_cnn import DEFAULTS
 
     one = train_and_evaluate(
-        DEFAULTS.replace(dataset="synthetic", synthetic_shape=(28, 28, 1), synthetic_size=320,
+        DEFAULTS.replace(dataset="synthetic", synthetic_shape=(28, 28, 1), synthetic_size=640,
                          epochs=1, eval_batch_size=128, progress="none", compilation_cache="",
                          parallel="none"), str(tmp_path / "one"))
     assert one["num_devices"] == 1 and one["steps"] == auto["steps"] > 0
