@@ -786,13 +786,15 @@ def _auto_cpu_devices_variant(base: dict[str, Any]) -> tuple[dict[str, Any], str
     call ``--steps-per-call 0`` fuses there over ``mnist_cnn``'s default run on MNIST
     (timed here with every call running all of them)."""
     from experiments.mnist_cnn import DEFAULTS  # imports jax, starts nothing
+    from jaxtrain import data as data_lib
     from jaxtrain import loop
     from jaxtrain.parallel import auto_cpu_devices, usable_cores
 
     hw = throughput.SHAPES[base.get("data", "mnist")][:2]
     n = auto_cpu_devices(base["model"], base["batch_size"], hw, usable_cores())
     config = DEFAULTS.replace(model=base["model"], batch_size=base["batch_size"])
-    per_epoch = (MNIST_TRAIN - round(MNIST_TRAIN * config.val_fraction)) // config.batch_size
+    per_epoch = data_lib.steps_per_epoch(
+        MNIST_TRAIN - data_lib.holdout_count(MNIST_TRAIN, config.val_fraction), config.batch_size)
     k = loop.auto_steps_per_call(config, "cpu", "mesh" if n > 1 else "none", False, per_epoch)
     changes = {"steps_per_call": k} if k > 1 else {}
     return _on_cpu_devices("mesh", n, **changes) if n > 1 else (changes, "")

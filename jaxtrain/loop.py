@@ -396,7 +396,9 @@ def fuse_steps(update: Callable[..., Any], k: int, *, resident: bool) -> Callabl
 # gather_rows removed the two causes. ResNet-18 is left out: 1.07x, and at ~1 s a step
 # on CPU, K steps would put up to half a minute between preemption checks. GPUs: not
 # measured yet (gpu_check's fused_steps step does). Through the loop, a 1-epoch MNIST-size
-# CNN run on one device: 21-22 steady steps/s with auto's K=25 against 15 with single steps.
+# CNN run on one device: 21-22 steady steps/s with auto's K=25 against 15 with single steps;
+# split over 2 CPU devices (a mesh), fused against single steps: 1.05x at batch 128, 1.44x
+# at 256, as fast as one fused device (benchmarks/results/whole_runs-*-mesh-fused.json).
 AUTO_FUSED_MODELS = frozenset({"mlp", "cnn", "resnet_tiny"})
 AUTO_MAX_STEPS_PER_CALL = 32
 
