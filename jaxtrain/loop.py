@@ -610,10 +610,10 @@ def gc_frozen(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Runs ``fn`` with the objects that exist when it starts kept out of the cyclic
     garbage collector's scans (``gc.freeze``), handed back when it returns.
 
-    After ``import jax, flax, optax, orbax`` (and torch, which tensorboardX imports
-    when installed) a process tracks ~330k objects, and tracing and compiling
-    allocate enough to set off a full collection that walks all of them: 0.3-0.4 s
-    of a ~4 s warm digits-MLP run, to free a few dozen objects. A caller that froze
+    After ``import jax, flax, optax, orbax`` a process tracks ~140k objects (~270k
+    with torch imported too), and tracing and compiling allocate enough to set off
+    a full collection that walks all of them: 0.3-0.4 s of a ~4 s warm digits-MLP run
+    (measured with torch imported), to free a few dozen objects. A caller that froze
     objects itself (or disabled the collector) is left as it is. CPython 3.12 starts
     with a few hundred objects frozen; those do not count as the caller's."""
 

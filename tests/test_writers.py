@@ -5,6 +5,7 @@ import io
 import math
 import os
 import struct
+import subprocess
 import sys
 import types
 
@@ -98,6 +99,29 @@ def test_tensorboard_purge_step_hides_steps_rewritten_by_a_resumed_run(tmp_path)
     assert len(os.listdir(tmp_path)) == 2
     got = [(s.step, s.value) for s in W.read_tensorboard(str(tmp_path))]
     assert got == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+@pytest.mark.needs("tensorboardX")
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+    """tensorboardX tries ``import torch`` at import; the writer keeps it from doing so
+    (seconds and ~190 MB where PyTorch is installed). A stand-in ``torch`` package
+    first on the path shows whether it was imported, and that it still is afterwards."""
+    fake = tmp_path / "path" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("STAND_IN = True\nclass Tensor: pass\n")
+    script = (
+        "import sys\n"
+        "from jaxtrain import writers as W\n"
+        "w = W.TensorBoardWriter(sys.argv[1]); w.write(1, 'train', {'loss': 1.5}); w.close()\n"
+        "print('torch' in sys.modules)\n"
+        "import torch\n"
+        "print(getattr(torch, 'STAND_IN', False), [s.value for s in W.read_tensorboard(sys.argv[1])])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "path")}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "tb")], env=env, check=False,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["False", "True [1.5]"]
 
 
 def test_log_writer_lines():
