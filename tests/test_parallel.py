@@ -428,6 +428,26 @@ def test_auto_cpu_devices_splits_the_cnn_while_each_device_gets_enough_pixels():
         assert auto_cpu_devices(model, 4096, (32, 32), cores=8) == 0
 
 
+def test_auto_seed_cpu_devices_splits_mlp_seeds_while_each_device_gets_enough_pixels():
+    from jaxtrain.parallel import AUTO_CPU_SEED_SPLIT_MIN_PIXELS, auto_seed_cpu_devices
+
+    assert AUTO_CPU_SEED_SPLIT_MIN_PIXELS == {"mlp": 2**14}  # the figures below assume it
+    digits = (8, 8)  # 64 pixels: a batch of 64 is 4096 per seed
+    assert auto_seed_cpu_devices("mlp", 16, 64, digits, cores=2) == 2  # 8 seeds each: 32k
+    assert auto_seed_cpu_devices("mlp", 16, 64, digits, cores=16) == 4  # 4 each: 16k
+    assert auto_seed_cpu_devices("mlp", 8, 64, digits, cores=2) == 2
+    assert auto_seed_cpu_devices("mlp", 32, 64, digits, cores=16) == 8  # MAX_DEVICES
+    assert auto_seed_cpu_devices("mlp", 4, 64, digits, cores=2) == 0  # 8k: as fast as one
+    assert auto_seed_cpu_devices("mlp", 4, 128, digits, cores=2) == 2  # 2 x 8192
+    assert auto_seed_cpu_devices("mlp", 15, 64, digits, cores=2) == 0  # 2 does not divide 15
+    assert auto_seed_cpu_devices("mlp", 15, 66, digits, cores=4) == 3  # 5 x 66 x 64 = 21k
+    assert auto_seed_cpu_devices("mlp", 15, 33, digits, cores=4) == 0  # 3: 5 x 33 x 64 = 10k
+    assert auto_seed_cpu_devices("mlp", 16, 63, digits, cores=2) == 0  # 2 does not divide 63
+    assert auto_seed_cpu_devices("mlp", 16, 64, digits, cores=1) == 0
+    for model in ("cnn", "resnet18"):  # not measured: no split
+        assert auto_seed_cpu_devices(model, 64, 128, (28, 28), cores=8) == 0
+
+
 def test_resolve_cpu_devices_applies_auto_only_where_the_run_is_free_to_split(monkeypatch):
     """Auto (0) defers to every setting that fixes the device count or the run's shape."""
     from jaxtrain import loop
@@ -446,6 +466,12 @@ def test_resolve_cpu_devices_applies_auto_only_where_the_run_is_free_to_split(mo
     assert resolve(model="mlp", cpu_devices=2) == 2
     assert resolve(model="mlp") == 0
     assert resolve((8, 8, 1)) == 0
+    seeds = {"model": "mlp", "num_seeds": 8, "batch_size": 64}  # 4 a device: 16k pixels
+    assert resolve((8, 8, 1), **seeds) == 2  # its seeds split over the cores
+    assert resolve((8, 8, 1), **{**seeds, "num_seeds": 16}) == 4
+    assert resolve((8, 8, 1), **seeds, parallel="mesh", seed_parallel=True) == 2
+    assert resolve((8, 8, 1), **seeds, parallel="pmap") == 0  # seed runs refuse pmap
+    assert resolve((8, 8, 1), **{**seeds, "num_seeds": 4}) == 0
     for changes in ({"num_seeds": 2}, {"parallel": "none"}, {"devices": 2},
                     {"coordinator_address": "127.0.0.1:1234",
                      "num_processes": 2, "process_id": 0}):
@@ -503,6 +529,40 @@ def test_auto_cpu_devices_trains_the_cnn_over_the_cores_like_one_device(tmp_path
     assert one["num_devices"] == 1 and one["steps"] == auto["steps"] > 0
     assert auto["test_accuracy"] == one["test_accuracy"]
     assert auto["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
+
+
+def test_auto_cpu_devices_trains_mlp_seeds_seed_parallel_like_one_device(tmp_path):
+    """A seed run in a fresh process with ``--cpu-devices`` auto splits its seeds over
+    the cores, one block per device (``seed_parallel`` recorded), and each seed trains
+    as on one device."""
+    from jaxtrain.loop import train_and_evaluate
+    from jaxtrain.parallel import auto_seed_cpu_devices, usable_cores
+
+    want = auto_seed_cpu_devices("mlp", 4, 128, (8, 8), usable_cores())
+    if want < 2:
+        pytest.skip(f"auto makes no split on {usable_cores()} core(s)")
+    flags = ["--num-seeds", "4", "--batch-size", "128", "--epochs", "1", "--no-robustness",
+             "--progress", "none", "--compilation-cache", ""]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    env.update({"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.digits_seeds", "--workdir", str(tmp_path / "auto"),
+         *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    auto = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert (auto["num_devices"], auto["strategy"], auto["seed_parallel"]) == (want, "mesh", True)
+    manifest = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert (manifest["cpu_devices"], manifest["config"]["cpu_devices"]) == (want, 0)
+    assert manifest["config"]["seed_parallel"] is True
+
+    from experiments.digits_seeds import DEFAULTS
+
+    one = train_and_evaluate(
+        DEFAULTS.replace(num_seeds=4, batch_size=128, epochs=1, progress="none",
+                         compilation_cache="", parallel="none"), str(tmp_path / "one"))
+    assert one["num_devices"] == 1 and one["seed_parallel"] is False
+    assert auto["test_accuracy_per_seed"] == one["test_accuracy_per_seed"]
+    assert auto["test_loss_per_seed"] == pytest.approx(one["test_loss_per_seed"], rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- placement
