@@ -166,6 +166,19 @@ def test_dry_run_of_a_seed_run_counts_one_model_and_all_seeds_work(tmp_path):
     assert seeds["argument_bytes"] >= 4 * 3 * 4 * PARAMS  # four states
 
 
+def test_dry_run_of_the_seeds_experiment_skips_its_robustness_suite(tmp_path, capsys):
+    """``digits_seeds`` runs the robustness suite after training; a dry run trains
+    nothing, so it stops after the report (it used to fail on the missing workdir)."""
+    from experiments import digits_seeds
+
+    workdir = tmp_path / "w"
+    code = digits_seeds.main(["--workdir", str(workdir), "--dry-run", "--num-seeds", "2",
+                              "--parallel", "none", "--compilation-cache", ""])
+    out, err = capsys.readouterr()
+    assert code == 0 and not workdir.exists(), err
+    assert "dry run: mlp on digits" in out and "error" not in err
+
+
 def test_dry_run_cli_exits_zero(tmp_path, capsys):
     from experiments import digits_mlp
 

@@ -339,7 +339,8 @@ TRAIN_SUITE = RobustnessConfig()
 
 
 def train_then_robustness(config: TrainConfig) -> dict[str, Any]:
-    """``train_and_evaluate(config)``, then ``run_robustness(config.workdir)`` if asked for.
+    """``train_and_evaluate(config)``, then ``run_robustness(config.workdir)`` if asked for
+    (not after ``--dry-run``, which trains nothing).
 
     Returns the training summary, with the robustness headline figures under
     ``"robustness"`` (also added to ``summary.json``)."""
@@ -348,7 +349,7 @@ def train_then_robustness(config: TrainConfig) -> dict[str, Any]:
     from jaxtrain.loop import train_and_evaluate
 
     summary = train_and_evaluate(config)
-    if getattr(config, "robustness", False):
+    if getattr(config, "robustness", False) and not config.dry_run:  # nothing was trained
         parallel = config.parallel if config.parallel in ("auto", "none", "mesh") else "auto"
         progress = "none" if config.progress == "none" else "log"
         t0 = time.perf_counter()
