@@ -796,8 +796,8 @@ def train_and_evaluate(
         update, seed_chunk = compile_seeded(
             placement, update_fn, sample, num_seeds=len(seeds), seed_chunk=config.seed_chunk,
             resident=resident, log=print if is_main else None)
-        evaluate_fn = placement.compile(
-            vmap_eval(eval_step, chunk=seed_chunk, groups=placement.groups))
+        evaluate_fn = placement.compile(vmap_eval(eval_step, chunk=seed_chunk),
+                                        shared_argnums=(1,))
 
     def stacked(fn, first: int, n: int):
         """One step's input (``K == 1``), or ``K`` steps' stacked on a leading ``[K]`` axis:

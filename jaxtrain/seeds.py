@@ -167,12 +167,28 @@ class SeedPlacement:
             tree,
         )
 
-    def compile(self, fn: Callable[..., Any], *, donate_argnums: Sequence[int] = ()) -> Callable:
+    def compile(self, fn: Callable[..., Any], *, donate_argnums: Sequence[int] = (),
+                shared_argnums: Sequence[int] = ()) -> Callable:
         """jit with every output keeping the seed placement (and jaxtrain's compiler
-        options: ``compile_options``)."""
+        options: ``compile_options``).
+
+        With ``seed_parallel``, ``fn`` runs under ``shard_map``: each device computes its
+        own block of seeds, on the arguments' local blocks (``shared_argnums``: whole,
+        as placed by ``put_shared``), so the program has no collectives. Left to GSPMD,
+        a vmapped convolution was partitioned on its features and its activations
+        all-gathered, and on 2 CPU devices the MNIST CNN's step then aborted in that
+        all-gather's rendezvous (XLA:CPU's 40 s timeout)."""
         options = compiler_options(self.strategy.devices[0].platform)
         if self.strategy.kind == "none":
             return jax.jit(fn, donate_argnums=tuple(donate_argnums), compiler_options=options)
+        if self.seed_parallel:
+            per_block, mesh = fn, self.strategy.mesh
+
+            def fn(*args):
+                specs = tuple(P() if i in shared_argnums else P(AXIS) for i in range(len(args)))
+                return jax.shard_map(per_block, mesh=mesh, in_specs=specs, out_specs=P(AXIS),
+                                     check_vma=False)(*args)
+
         spec = P(AXIS) if self.seed_parallel else P()
         return jax.jit(fn, out_shardings=self._sharding(spec), donate_argnums=tuple(donate_argnums),
                        compiler_options=options)
@@ -260,8 +276,9 @@ def compile_seeded(
     per_device = num_seeds // placement.groups
 
     def compile_for(chunk: int) -> Any:
-        fn = vmap_update(update_fn, resident=resident, chunk=chunk, groups=placement.groups)
-        return placement.compile(fn, donate_argnums=(0,)).lower(*sample).compile()
+        fn = vmap_update(update_fn, resident=resident, chunk=chunk)  # a device's seeds
+        return placement.compile(fn, donate_argnums=(0,), shared_argnums=(1,) if resident else ()
+                                 ).lower(*sample).compile()
 
     if seed_chunk:
         chunk = min(seed_chunk, per_device)

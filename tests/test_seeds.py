@@ -216,3 +216,39 @@ def test_seeds_benchmark_main(tmp_path, capsys):
         row = json.load(f)["rows"][0]
     assert row["multi_chunked"]["seed_chunk"] == 1 and row["multi"]["seed_chunk"] == 2
     assert row["sequential_over_multi"] > 0 and "chunk 1 s" in capsys.readouterr().out
+
+
+def test_seed_parallel_steps_compute_each_devices_seeds_without_collectives():
+    """``--seed-parallel`` runs each device's block of seeds under ``shard_map``: the
+    compiled step and eval hold no collectives, also for a convolution, whose vmap GSPMD
+    had partitioned on its features, all-gathering activations (and on 2 CPU devices the
+    MNIST CNN's step then aborted in the all-gather's rendezvous). Their results equal
+    the same vmap on one device."""
+    from jaxtrain.loop import build_model_and_state, eval_step, make_update, step_key
+    from jaxtrain.parallel import create_strategy
+    from jaxtrain.seeds import SeedPlacement, vmap_eval, vmap_update
+
+    config = BASE.replace(model="cnn", dataset="synthetic", synthetic_shape=(12, 12, 1),
+                          synthetic_size=64, batch_size=8, num_seeds=4)
+    dataset = data_lib.load_dataset("synthetic", synthetic_size=64, synthetic_shape=(12, 12, 1))
+    state = build_model_and_state(config, dataset, 10)
+    key = stack([np.asarray(step_key(s)) for s in range(4)])
+    idx = np.stack([data_lib.batch_indices(s, 0, 64 - 6, 8) for s in range(4)])
+    update = vmap_update(make_update(config, resident=True), resident=True)
+    batch = {k: v[:8] for k, v in dataset.val.items()}
+    results = {}
+    for kind, n in (("none", 1), ("mesh", 2)):
+        placement = SeedPlacement(create_strategy(kind, n), seed_parallel=True)
+        args = (placement.put_seeds(state), placement.put_shared(dataset.train),
+                placement.put_batch(idx), placement.put_seeds(key))
+        step = placement.compile(update, shared_argnums=(1,)).lower(*args).compile()
+        evaluate = placement.compile(vmap_eval(eval_step), shared_argnums=(1,))
+        ev_args = (placement.put_seeds(state), placement.put_shared(batch))
+        hlo = step.as_text() + evaluate.lower(*ev_args).compile().as_text()
+        for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
+            assert op not in hlo, (kind, op)
+        new_state, metrics = step(*args)
+        results[kind] = (placement.get(new_state.params), placement.get(metrics),
+                         placement.get(evaluate(*ev_args)))
+    for a, b in zip(jax.tree.leaves(results["none"]), jax.tree.leaves(results["mesh"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
