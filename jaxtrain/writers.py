@@ -93,14 +93,13 @@ def _import_summary_writer() -> type:
     546 against 360 MB). So unless something imported torch already, ``import torch``
     fails (``sys.modules["torch"] = None``) for the length of this one import, and
     works as before after it."""
-    if "torch" in sys.modules or "tensorboardX.writer" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # type: ignore[assignment]
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # type: ignore[assignment]
     try:
         from tensorboardX import SummaryWriter
     finally:
-        if "torch" in sys.modules and sys.modules["torch"] is None:
+        if hide and sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
     return SummaryWriter
 

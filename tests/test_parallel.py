@@ -495,6 +495,19 @@ def test_resolve_cpu_devices_applies_auto_only_where_the_run_is_free_to_split(mo
     assert resolve() == 0
 
 
+def _run_with_auto_cpu_devices(module: str, workdir, flags: list[str]) -> tuple[dict, dict]:
+    """``python -m experiments.<module>`` in a fresh process whose device count nothing
+    fixes (``--cpu-devices`` auto decides); its ``summary.json`` and ``config.json``."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    env.update({"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, "-m", f"experiments.{module}", "--workdir", str(workdir), *flags],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return (json.loads((workdir / "summary.json").read_text()),
+            json.loads((workdir / "config.json").read_text()))
+
+
 def test_auto_cpu_devices_trains_the_cnn_over_the_cores_like_one_device(tmp_path):
     """A fresh process with no device count fixed (``--cpu-devices`` left at auto)
     splits the MNIST-shape CNN at batch 128 over the cores (``--parallel auto`` =
@@ -508,16 +521,9 @@ def test_auto_cpu_devices_trains_the_cnn_over_the_cores_like_one_device(tmp_path
     flags = ["--dataset", "synthetic", "--synthetic-shape", "28,28,1", "--synthetic-size", "640",
              "--epochs", "1", "--eval-batch-size", "128", "--progress", "none",
              "--compilation-cache", ""]
-    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-    env.update({"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.mnist_cnn", "--workdir", str(tmp_path / "auto"),
-         *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr
-    auto = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    auto, manifest = _run_with_auto_cpu_devices("mnist_cnn", tmp_path / "auto", flags)
     assert (auto["num_devices"], auto["strategy"]) == (want, "mesh")
     assert auto["steps"] == 3 and auto["steps_per_call"] == 3  # and fuses them: one call
-    manifest = json.loads((tmp_path / "auto" / "config.json").read_text())
     assert (manifest["cpu_devices"], manifest["config"]["cpu_devices"]) == (want, 0)
 
     from experiments.mnist_cnn import DEFAULTS
@@ -543,15 +549,8 @@ def test_auto_cpu_devices_trains_mlp_seeds_seed_parallel_like_one_device(tmp_pat
         pytest.skip(f"auto makes no split on {usable_cores()} core(s)")
     flags = ["--num-seeds", "4", "--batch-size", "128", "--epochs", "1", "--no-robustness",
              "--progress", "none", "--compilation-cache", ""]
-    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-    env.update({"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.digits_seeds", "--workdir", str(tmp_path / "auto"),
-         *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr
-    auto = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    auto, manifest = _run_with_auto_cpu_devices("digits_seeds", tmp_path / "auto", flags)
     assert (auto["num_devices"], auto["strategy"], auto["seed_parallel"]) == (want, "mesh", True)
-    manifest = json.loads((tmp_path / "auto" / "config.json").read_text())
     assert (manifest["cpu_devices"], manifest["config"]["cpu_devices"]) == (want, 0)
     assert manifest["config"]["seed_parallel"] is True
 
