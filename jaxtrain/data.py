@@ -276,6 +276,16 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
     return epoch_order(seed, epoch, n)[i * batch_size : (i + 1) * batch_size]
 
 
+def process_rows(batch_size: int, whole: bool = False) -> slice:
+    """The rows of each global batch ``[B]`` this process feeds: its contiguous share
+    ``[B / processes]`` (its devices hold their share of the batch), or all ``B`` with
+    ``whole`` (seed-parallel: its devices hold whole models, which need whole batches)."""
+    if whole:
+        return slice(None)
+    pid, nproc = jax.process_index(), jax.process_count()
+    return slice(pid * batch_size // nproc, (pid + 1) * batch_size // nproc)
+
+
 def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Batches of ``batch_size`` covering every example once; the last one is
     padded (repeating example 0) with ``mask`` 0 on the padding."""

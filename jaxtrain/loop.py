@@ -519,16 +519,18 @@ def unstack_steps(metrics: dict[str, Any], seeded: bool, n: int = 1) -> list[dic
 # ----------------------------------------------------------------------------- evaluation
 
 
-def eval_inputs(place: Callable, split: data_lib.Split, batch_size: int) -> Iterator[Any]:
-    """This process's rows of each eval batch of ``split`` (``data.eval_batches``), placed."""
-    pid, nproc = jax.process_index(), jax.process_count()
+def eval_inputs(place: Callable, split: data_lib.Split, batch_size: int, whole: bool = False
+                ) -> Iterator[Any]:
+    """This process's rows (``data.process_rows``; all of them with ``whole``) of each
+    eval batch of ``split`` (``data.eval_batches``), placed."""
+    rows = data_lib.process_rows(batch_size, whole)
     for batch in data_lib.eval_batches(split, batch_size):
-        yield place({k: np.array_split(v, nproc)[pid] for k, v in batch.items()})
+        yield place({k: v[rows] for k, v in batch.items()})
 
 
 def evaluate(
     place: Callable, get: Callable, eval_fn: Callable, state: Any, split: data_lib.Split,
-    batch_size: int, *, placed: Sequence[Any] | None = None,
+    batch_size: int, *, placed: Sequence[Any] | None = None, whole: bool = False,
 ) -> dict[str, Any]:
     """Loss and accuracy over every example of ``split`` exactly once (padded + masked).
 
@@ -536,9 +538,11 @@ def evaluate(
     summed results back; ``placed``: ``eval_inputs(place, split, batch_size)`` kept
     by a caller that evaluates ``split`` again and again (the loop's validation
     split, when the data sits on the devices: ~2 of a digits evaluation's ~3 ms went
-    to slicing and placing). Values are floats, or ``[S]`` arrays for a seed run."""
+    to slicing and placing); ``whole``: every process places whole batches
+    (``eval_inputs``). Values are floats, or ``[S]`` arrays for a seed run."""
     sums = None
-    for batch in placed if placed is not None else eval_inputs(place, split, batch_size):
+    batches = placed if placed is not None else eval_inputs(place, split, batch_size, whole)
+    for batch in batches:
         out = eval_fn(state, batch)
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = get(sums)
@@ -779,8 +783,9 @@ def train_and_evaluate(
     chunks = call_plan(start_step, total_steps, steps_per_call,
                        call_boundaries(config, per_epoch, logs=not config.steps_per_call))
     state = put_state(host_state)
-    pid, nproc = jax.process_index(), jax.process_count()
-    local_rows = slice(pid * config.batch_size // nproc, (pid + 1) * config.batch_size // nproc)
+    # seed-parallel devices hold whole models: each process feeds its seeds whole batches
+    whole = seeded and placement.seed_parallel
+    local_rows = data_lib.process_rows(config.batch_size, whole)
 
     def indices(step: int) -> np.ndarray:
         """This process's batch indices: ``[B_local]``, or ``[S, B_local]`` for seeds."""
@@ -823,9 +828,9 @@ def train_and_evaluate(
         data = (train_data, x[1]) if resident else (x[1],)
         return update(st, *data, key) if fused is None else fused(st, *data, np.int32(x[0]), key)
 
-    run_eval = functools.partial(evaluate, put_eval, get, evaluate_fn)
+    run_eval = functools.partial(evaluate, put_eval, get, evaluate_fn, whole=whole)
     # the validation batches, placed once, when the training data sits on the devices too
-    val_placed = list(eval_inputs(put_eval, dataset.val, eval_batch)) if resident else None
+    val_placed = list(eval_inputs(put_eval, dataset.val, eval_batch, whole)) if resident else None
     take_snapshot = jax.jit(snapshot) if seeded else strategy.compile(snapshot)
 
     # --- loop ------------------------------------------------------------------------
@@ -944,7 +949,7 @@ def train_and_evaluate(
         """Saves, or applies ``--on-nonfinite`` to a state that is not finite (never written).
         A ``best`` one found within ``BEST_WRITE_INTERVAL_S`` of the last best write is
         held instead (one process only: the others would have to decide alike)."""
-        if best and nproc == 1 and time.monotonic() - last_best_write[0] < BEST_WRITE_INTERVAL_S:
+        if best and jax.process_count() == 1 and time.monotonic() - last_best_write[0] < BEST_WRITE_INTERVAL_S:
             taken = take(step, state, val)
             if taken is not None:
                 held[:] = [taken]  # a newer best replaces the one held
@@ -1081,13 +1086,13 @@ def dry_run(
     )
 
     update_fn = make_update(config, resident=resident)
-    pid, nproc = jax.process_index(), jax.process_count()
-    rows = slice(pid * config.batch_size // nproc, (pid + 1) * config.batch_size // nproc)
+    pid = jax.process_index()
     n_train = len(dataset.train["label"])
-    idx = np.stack([data_lib.batch_indices(s, 0, n_train, config.batch_size)[rows] for s in seeds])
     seeded = len(seeds) > 1
+    placement = SeedPlacement(strategy, config.seed_parallel) if seeded else None
+    rows = data_lib.process_rows(config.batch_size, whole=seeded and placement.seed_parallel)
+    idx = np.stack([data_lib.batch_indices(s, 0, n_train, config.batch_size)[rows] for s in seeds])
     if seeded:
-        placement = SeedPlacement(strategy, config.seed_parallel)
         put_state, put_batch, put_shared = placement.put_seeds, placement.put_batch, placement.put_shared
         key = put_state(stack([step_key(s) for s in seeds]))
     else:

@@ -238,6 +238,19 @@ def test_cli_two_processes_seed_run_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_cli_two_processes_seed_parallel_run_matches_one_process(tmp_path, placement):
+    """--seed-parallel across 2 processes x 2 devices: each process's devices hold
+    their own seeds, so each process feeds them whole batches (not its rows of them)
+    and evaluates them on the whole split; the run equals 1 process x 4 devices."""
+    _, _, s2, s1 = cli_two_and_one(tmp_path, "--epochs", "1", "--num-seeds", "4",
+                                   "--seed-parallel", "--data-placement", placement)
+    assert s2["seed_parallel"] is s1["seed_parallel"] is True
+    assert s2["test_accuracy_per_seed"] == s1["test_accuracy_per_seed"]
+    assert s2["test_loss_per_seed"] == pytest.approx(s1["test_loss_per_seed"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_cli_two_processes_fused_steps_match_one_process(tmp_path):
     """--steps-per-call 5 over a mesh that spans 2 processes (each places its rows of
     the [K, B] indices: Strategy.shard_steps) equals the same run in one process."""
