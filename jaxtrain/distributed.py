@@ -281,7 +281,8 @@ def sync(name: str) -> None:
 
 def agree_min(value: int) -> int:
     """The smallest ``value`` over all processes (each may measure its own, e.g. free
-    memory); ``value`` itself for one process. Call it at the same point on every process."""
+    memory); ``value`` itself for one process. Call it at the same point on every process.
+    Values travel as int32: pass sizes in MiB, not bytes."""
     if jax.process_count() == 1:
         return int(value)
     from jax.experimental import multihost_utils

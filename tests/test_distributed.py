@@ -195,13 +195,14 @@ def test_multi_process_rejects_what_cannot_span_processes(tmp_path):
         assert "Traceback" not in r.stderr
 
 
-def cli_two_and_one(tmp_path: Path, *flags: str) -> tuple[Path, Path, dict, dict]:
-    """The digits-MLP CLI with ``flags`` as 2 processes x 2 devices and as 1 process x
-    4 devices, run together; asserts both end with the same params. Returns the two
-    workdirs and their summaries."""
+def cli_two_and_one(tmp_path: Path, *flags: str, module: str = "digits_mlp"
+                    ) -> tuple[Path, Path, dict, dict]:
+    """The digits-MLP CLI (or ``experiments.<module>``) with ``flags`` as 2 processes x
+    2 devices and as 1 process x 4 devices, run together; asserts both end with the
+    same params. Returns the two workdirs and their summaries."""
     from jaxtrain.checkpoint import load_params
 
-    base = [sys.executable, "-m", "experiments.digits_mlp", "--parallel", "mesh",
+    base = [sys.executable, "-m", f"experiments.{module}", "--parallel", "mesh",
             "--compilation-cache", "", "--progress", "none", *flags]
     port = free_port()
     two, one = tmp_path / "two", tmp_path / "one"
@@ -248,6 +249,33 @@ def test_cli_two_processes_seed_parallel_run_matches_one_process(tmp_path, place
     assert s2["seed_parallel"] is s1["seed_parallel"] is True
     assert s2["test_accuracy_per_seed"] == s1["test_accuracy_per_seed"]
     assert s2["test_loss_per_seed"] == pytest.approx(s1["test_loss_per_seed"], rel=1e-5)
+
+
+def _numbers(tree, path=""):
+    """``{path: number}`` of every number in a JSON tree."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _numbers(sub, f"{path}/{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _numbers(sub, f"{path}[{i}]").items()}
+    return {path: tree} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
+
+
+@pytest.mark.slow
+def test_cli_two_processes_robustness_suite_matches_one_process(tmp_path):
+    """The main job's robustness suite after a 2-process x 2-device seed run: every
+    process reads only its own devices' memory (another's raises), they agree on the
+    chunks, and the report equals 1 process x 4 devices' (accuracies exactly)."""
+    two, one, _, _ = cli_two_and_one(tmp_path, "--epochs", "1", "--num-seeds", "2",
+                                     module="digits_seeds")
+    a, b = (json.loads((w / "robustness" / "report.json").read_text()) for w in (two, one))
+    a, b = (_numbers({k: v for k, v in r.items() if k not in ("timing", "wall_seconds")})
+            for r in (a, b))
+    assert a.keys() == b.keys() and len(a) > 1000
+    for key in a:
+        if "accuracy" in key:
+            assert a[key] == b[key], key
+        else:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.slow

@@ -259,6 +259,32 @@ def test_auto_chunk_size():
     assert S.auto_chunk_size(100, 25_000, 359, 1) == 180  # 2 even chunks, not 250 + 109
 
 
+class _Device:
+    """A stand-in device: ``memory_stats`` as an accelerator of ``limit`` bytes, or as
+    another process's device (which raises, like JAX's non-addressable devices)."""
+
+    def __init__(self, process_index: int, limit: int | None, platform: str = "gpu"):
+        self.process_index, self.limit, self.platform = process_index, limit, platform
+
+    def memory_stats(self):
+        if self.process_index != jax.process_index():
+            raise RuntimeError("MemoryStats is only supported for addressable PjRt devices.")
+        return None if self.limit is None else {"bytes_limit": self.limit, "bytes_in_use": 0}
+
+
+def test_default_memory_budget_reads_only_this_processes_devices():
+    """40% of the accelerators' memory, read from this process's devices only (taken for
+    the others', whose ``memory_stats`` raises), in whole MiB; 1 GiB on CPU."""
+    gib = 1 << 30
+    here, other = jax.process_index(), jax.process_index() + 1
+    two_here = [_Device(here, 10 * gib), _Device(here, 10 * gib)]
+    assert S.default_memory_budget(two_here) == 8 * gib
+    assert S.default_memory_budget([*two_here, _Device(other, 10 * gib)] * 2) == 24 * gib
+    assert S.default_memory_budget([_Device(here, 3 * gib + 12345)]) == (int(1.2 * gib) >> 20) << 20
+    assert S.default_memory_budget([_Device(here, None), _Device(other, gib)]) == gib
+    assert S.default_memory_budget([_Device(here, 10 * gib, "cpu")]) == gib
+
+
 def test_program_bytes_grows_with_the_chunk(tiny):
     model, variables, split = tiny
     program = S.corruption_program(_apply(model), SPEC, ("gaussian_noise",), jax.random.PRNGKey(0))

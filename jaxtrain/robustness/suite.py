@@ -466,14 +466,22 @@ def program_bytes(closed_jaxpr: Any) -> int:
 
 def default_memory_budget(devices: Sequence[Any]) -> int:
     """Bytes the suite may use over ``devices``: 40% of each accelerator's memory limit;
-    1 GiB in all on CPU (fake CPU devices share one host)."""
-    limits = []
-    for d in devices:
+    1 GiB in all on CPU (fake CPU devices share one host).
+
+    A process reads only its own devices (another's ``memory_stats`` raises), takes
+    theirs for every device, and agrees with the others on the smallest figure, so
+    every process picks the same chunks (``distributed.agree_min``, in MiB)."""
+    from jaxtrain import distributed
+
+    local = [d for d in devices if d.process_index == jax.process_index()] or list(devices)
+    budget = 0
+    for d in local:
         stats = d.memory_stats() if hasattr(d, "memory_stats") else None
         if not stats or "bytes_limit" not in stats or d.platform == "cpu":
-            return 1 << 30
-        limits.append(int(stats["bytes_limit"]))
-    return int(0.4 * sum(limits))
+            budget = 1 << 30
+            break
+        budget += int(0.4 * int(stats["bytes_limit"]) * len(devices) / len(local))
+    return distributed.agree_min(budget >> 20) << 20
 
 
 def auto_chunk_size(per_example_bytes: int, budget_bytes: int, num_examples: int, ways: int) -> int:
