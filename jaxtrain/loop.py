@@ -97,20 +97,44 @@ class Preempted(SystemExit):
 
 class PreemptionGuard:
     """While installed, the first SIGTERM or SIGINT only sets ``signum`` (the loop saves
-    at the next step boundary); a second one gets the default action and ends the
-    process at once. Installed by the loop in the main thread only, then restored."""
+    at the next call boundary where ``due``); a second one gets the default action and
+    ends the process at once. Installed by the loop in the main thread only, then restored.
+
+    Several processes must all save the same step, though a signal reaches each at its
+    own moment (or only one of them); saving where each stopped, they met in different
+    Orbax barriers and hung (2 processes x 2 CPU devices, one SIGTERM each). So there
+    SIGTERM is left to JAX's preemption notifier (set up by ``jax.distributed``), a
+    SIGINT is passed on to it as a SIGTERM, and ``due`` is JAX's preemption sync point:
+    true at the same call on every process."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, processes: int = 1) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self.synced = processes > 1 and bool(jax.config.jax_enable_preemption_service)
+        self._asked: tuple[int, bool] = (-1, False)  # (call, answer) of the last sync point
 
     def install(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
+            for s in (signal.SIGINT,) if self.synced else self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
+
+    def due(self, call: int) -> bool:
+        """Whether to save and exit after call number ``call`` (0, 1, ... on every
+        process): once a signal came, or with several processes at the call JAX's
+        preemption sync picks after any process got a notice (asked once per call;
+        asking again gives the same answer, so every process acts alike)."""
+        if not self.synced:
+            return self.signum is not None
+        if self._asked[0] != call:
+            from jax.experimental import multihost_utils
+
+            self._asked = (call, multihost_utils.reached_preemption_sync_point(call))
+            if self._asked[1]:
+                self.signum = self.signum or signal.SIGTERM
+        return self._asked[1]
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -119,10 +143,12 @@ class PreemptionGuard:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
-        for s in self.SIGNALS:
+        for s in self._previous:
             signal.signal(s, signal.SIG_DFL)
         print(f"received {signal.Signals(signum).name}: saving a checkpoint at the next step "
               "boundary, then exiting (send it again to exit at once)", file=sys.stderr, flush=True)
+        if self.synced:  # to JAX's preemption notifier, which tells every process
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def diagnose_nonfinite(state: TrainState, batch: dict[str, np.ndarray], rng: jax.Array) -> str:
@@ -977,12 +1003,12 @@ def train_and_evaluate(
             best_seen[:] = [value]
         return better
 
-    guard = PreemptionGuard().install()
+    guard = PreemptionGuard(jax.process_count()).install()
     try:
         step = start_step
         val, val_step = None, None
         t_mark, since_mark = time.perf_counter(), 0
-        for x in inputs:
+        for calls, x in enumerate(inputs):
             state, metrics = profiler.run(step, call, state, x, n=x[0])
             n = x[0]  # steps in this call (call_plan never crosses an eval or checkpoint step)
             window.append((n, metrics))
@@ -995,7 +1021,7 @@ def train_and_evaluate(
             eval_due = step % eval_every == 0 or step == total_steps
             ckpt_due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
             log_due = step // config.log_every != (step - n) // config.log_every
-            if eval_due or ckpt_due or log_due or guard.signum:
+            if eval_due or ckpt_due or log_due or guard.due(calls):
                 bad = flush_window(step)  # the one host sync: this step's metrics
                 if bad is not None and config.on_nonfinite == "rollback":
                     state = rollback(bad, step)
@@ -1012,7 +1038,7 @@ def train_and_evaluate(
                 elif step != total_steps and eval_due and improves_best(val):
                     state = checkpoint(step, state, val, best=True)
                 t_mark, since_mark = time.perf_counter(), 0
-            if guard.signum is not None:  # preempted: save at this step boundary, then exit
+            if guard.due(calls):  # save at this step boundary, then exit
                 saved = ckpt.last_step == step or save(step, state)
                 ckpt.wait()
                 message = f"preempted by {signal.Signals(guard.signum).name} at step {step}: " + (

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -276,6 +278,59 @@ def test_cli_two_processes_robustness_suite_matches_one_process(tmp_path):
             assert a[key] == b[key], key
         else:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_one_signal_preempts_both_processes_at_one_step_and_the_rerun_resumes(tmp_path):
+    """SIGTERM to process 1 only: JAX's preemption sync stops both processes after the
+    same step (each saving where it stopped, they hung in different Orbax barriers);
+    both save it and exit 143. Rerunning resumes and ends as 1 process x 4 devices did."""
+    from jaxtrain.checkpoint import Checkpointer, load_params
+
+    base = [sys.executable, "-m", "experiments.digits_mlp", "--parallel", "mesh", "--epochs", "8",
+            "--compilation-cache", "", "--progress", "log", "--log-every", "5"]
+    two, one = tmp_path / "two", tmp_path / "one"
+
+    def two_processes() -> list[subprocess.Popen]:
+        port = free_port()
+        return [subprocess.Popen(
+            base + ["--workdir", str(two), "--coordinator-address", f"127.0.0.1:{port}",
+                    "--num-processes", "2", "--process-id", str(pid)],
+            cwd=ROOT, env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for pid in (0, 1)]
+
+    reference = subprocess.Popen(base + ["--workdir", str(one)], cwd=ROOT, env=cpu_env(4),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    procs = two_processes()
+    try:
+        for line in procs[0].stdout:  # process 0 logs; signal once training is under way
+            if (m := re.match(r"step (\d+) train", line)) and int(m.group(1)) >= 20:
+                break
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    stopped = set()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 143, err[-3000:]
+        m = re.search(r"preempted by SIGTERM at step (\d+): checkpoint saved", err)
+        assert m, err[-3000:]
+        stopped.add(int(m.group(1)))
+    assert len(stopped) == 1, stopped  # one step, on both
+    reader = Checkpointer(str(two), read_only=True)
+    assert reader.latest_step() == stopped.pop() >= 20
+    reader.close()
+    assert not (two / "summary.json").exists()
+
+    check_ok([subprocess.CompletedProcess(p.args, p.wait(timeout=300), "", p.stderr.read())
+              for p in two_processes()])
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+    assert_close([np.asarray(x) for x in _leaves(load_params(str(two)))],
+                 [np.asarray(x) for x in _leaves(load_params(str(one)))])
+    s2, s1 = (json.loads((w / "summary.json").read_text()) for w in (two, one))
+    assert s2["resumed_from_step"] is not None and s1["resumed_from_step"] is None
+    assert s2["test_accuracy"] == s1["test_accuracy"]
 
 
 @pytest.mark.slow
