@@ -84,6 +84,22 @@ def worker(out: str, kind: str, num_processes: int, process_id: int, port: int) 
     np.savez(os.path.join(out, f"params_{pid}.npz"), *leaves)
 
 
+def failing_worker(process_id: int, port: int) -> None:
+    """A CLI body in a 2-process group where process 1 fails while process 0 waits for
+    it in a collective; exits with ``cli.run``'s status."""
+    from jaxtrain import cli, distributed
+    from jaxtrain.config import TrainConfig
+
+    def body(config):
+        distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
+        distributed.sync("jaxtrain-test:started")
+        if process_id == 1:
+            raise RuntimeError("process 1 fails here")
+        distributed.sync("jaxtrain-test:never")  # its peer is gone
+
+    sys.exit(cli.run(TrainConfig, TrainConfig(), [], prog="worker", body=body))
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -334,6 +350,26 @@ def test_one_signal_preempts_both_processes_at_one_step_and_the_rerun_resumes(tm
 
 
 @pytest.mark.slow
+def test_a_failing_process_exits_at_once_though_its_peer_waits_for_it():
+    """Process 1 of 2 fails while process 0 waits for it in a collective: process 1
+    reports and exits 1 at once, not after JAX's 5-minute shutdown barrier (process 0
+    stops ~100 s later, when the coordinator misses its heartbeats; not waited for)."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "failing-worker", str(pid), str(port)],
+                              cwd=ROOT, env=cpu_env(1), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
+    try:
+        _, err = procs[1].communicate(timeout=120)  # 300+ s before the change
+        assert procs[1].returncode == 1, err[-3000:]
+        assert "RuntimeError: process 1 fails here" in err
+        assert procs[0].poll() is None  # still waiting for its peer
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+
+
+@pytest.mark.slow
 def test_cli_two_processes_fused_steps_match_one_process(tmp_path):
     """--steps-per-call 5 over a mesh that spans 2 processes (each places its rows of
     the [K, B] indices: Strategy.shard_steps) equals the same run in one process."""
@@ -476,3 +512,5 @@ def test_initialize_after_devices_are_in_use_is_refused(monkeypatch):
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     out_dir, kind_arg, n_arg, pid_arg, port_arg = sys.argv[2:7]
     worker(out_dir, kind_arg, int(n_arg), int(pid_arg), int(port_arg))
+if __name__ == "__main__" and sys.argv[1:2] == ["failing-worker"]:
+    failing_worker(int(sys.argv[2]), int(sys.argv[3]))
