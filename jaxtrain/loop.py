@@ -814,7 +814,8 @@ def train_and_evaluate(
     local_rows = data_lib.process_rows(config.batch_size, whole)
 
     def indices(step: int) -> np.ndarray:
-        """This process's batch indices: ``[B_local]``, or ``[S, B_local]`` for seeds."""
+        """This process's batch indices (its ``local_rows``): ``[B_local]``, or
+        ``[S, B_local]`` for seeds."""
         per_seed = [data_lib.batch_indices(s, step, n_train, config.batch_size) for s in seeds]
         return np.stack(per_seed)[:, local_rows] if seeded else per_seed[0][local_rows]
 

@@ -254,8 +254,11 @@ AUTO_CPU_MAX_DEVICES = 8
 # 2 cores, whole digits-MLP runs (batch 64, 8x8 images; steady steps/s, 2 devices
 # against one, alternated rounds, median): 16 seeds (8 per device, 32k pixels) 1.37x
 # (1.35-1.45, 5 rounds; an identical one-device control 1.07x, 0.90-1.21) and 1.25x;
-# 8 seeds (16k) 1.18x (1.07-1.23); 4 seeds (8k) 1.01x; 2 seeds 0.93x.
-AUTO_CPU_SEED_SPLIT_MIN_PIXELS = {"mlp": 2**14}
+# 8 seeds (16k) 1.18x (1.07-1.23); 4 seeds (8k) 1.01x; 2 seeds 0.93x. Whole MNIST-shape
+# CNN runs (batch 128, 100k pixels per seed; 3 rounds): 4 seeds 1.21x (1.10-1.32), 2 seeds
+# 1.33x (1.24-1.43), where splitting each seed's batch instead ran 0.55x. The CNN's floor
+# is its single-seed split's (``AUTO_CPU_MIN_PIXELS_PER_DEVICE``): not measured lower.
+AUTO_CPU_SEED_SPLIT_MIN_PIXELS = {"mlp": 2**14, "cnn": AUTO_CPU_MIN_PIXELS_PER_DEVICE}
 
 
 def usable_cores() -> int:

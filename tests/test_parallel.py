@@ -428,10 +428,10 @@ def test_auto_cpu_devices_splits_the_cnn_while_each_device_gets_enough_pixels():
         assert auto_cpu_devices(model, 4096, (32, 32), cores=8) == 0
 
 
-def test_auto_seed_cpu_devices_splits_mlp_seeds_while_each_device_gets_enough_pixels():
+def test_auto_seed_cpu_devices_splits_mlp_and_cnn_seeds_while_each_device_gets_enough_pixels():
     from jaxtrain.parallel import AUTO_CPU_SEED_SPLIT_MIN_PIXELS, auto_seed_cpu_devices
 
-    assert AUTO_CPU_SEED_SPLIT_MIN_PIXELS == {"mlp": 2**14}  # the figures below assume it
+    assert AUTO_CPU_SEED_SPLIT_MIN_PIXELS == {"mlp": 2**14, "cnn": 2**15}  # as below
     digits = (8, 8)  # 64 pixels: a batch of 64 is 4096 per seed
     assert auto_seed_cpu_devices("mlp", 16, 64, digits, cores=2) == 2  # 8 seeds each: 32k
     assert auto_seed_cpu_devices("mlp", 16, 64, digits, cores=16) == 4  # 4 each: 16k
@@ -444,8 +444,13 @@ def test_auto_seed_cpu_devices_splits_mlp_seeds_while_each_device_gets_enough_pi
     assert auto_seed_cpu_devices("mlp", 15, 33, digits, cores=4) == 0  # 3: 5 x 33 x 64 = 10k
     assert auto_seed_cpu_devices("mlp", 16, 63, digits, cores=2) == 0  # 2 does not divide 63
     assert auto_seed_cpu_devices("mlp", 16, 64, digits, cores=1) == 0
-    for model in ("cnn", "resnet18"):  # not measured: no split
-        assert auto_seed_cpu_devices(model, 64, 128, (28, 28), cores=8) == 0
+    mnist = (28, 28)  # a batch of 128 is 100k pixels per seed
+    assert auto_seed_cpu_devices("cnn", 2, 128, mnist, cores=2) == 2  # a seed each
+    assert auto_seed_cpu_devices("cnn", 4, 128, mnist, cores=8) == 4
+    assert auto_seed_cpu_devices("cnn", 2, 32, mnist, cores=2) == 0  # 25k: below the floor
+    assert auto_seed_cpu_devices("cnn", 3, 128, mnist, cores=2) == 0  # 2 does not divide 3
+    for model in ("resnet18", "resnet_tiny"):  # not measured: no split
+        assert auto_seed_cpu_devices(model, 64, 128, mnist, cores=8) == 0
 
 
 def test_resolve_cpu_devices_applies_auto_only_where_the_run_is_free_to_split(monkeypatch):
@@ -472,7 +477,9 @@ def test_resolve_cpu_devices_applies_auto_only_where_the_run_is_free_to_split(mo
     assert resolve((8, 8, 1), **seeds, parallel="mesh", seed_parallel=True) == 2
     assert resolve((8, 8, 1), **seeds, parallel="pmap") == 0  # seed runs refuse pmap
     assert resolve((8, 8, 1), **{**seeds, "num_seeds": 4}) == 0
-    for changes in ({"num_seeds": 2}, {"parallel": "none"}, {"devices": 2},
+    assert resolve(num_seeds=2) == 2  # CNN seeds: split by seed, a seed per core
+    assert resolve(num_seeds=2, batch_size=32) == 0  # 25k pixels per device
+    for changes in ({"num_seeds": 2, "parallel": "none"}, {"parallel": "none"}, {"devices": 2},
                     {"coordinator_address": "127.0.0.1:1234",
                      "num_processes": 2, "process_id": 0}):
         assert resolve(**changes) == 0, changes
