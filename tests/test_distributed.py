@@ -317,35 +317,39 @@ def test_one_signal_preempts_both_processes_at_one_step_and_the_rerun_resumes(tm
 
     reference = subprocess.Popen(base + ["--workdir", str(one)], cwd=ROOT, env=cpu_env(4),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    procs = two_processes()
+    procs = first = two_processes()
     try:
         for line in procs[0].stdout:  # process 0 logs; signal once training is under way
             if (m := re.match(r"step (\d+) train", line)) and int(m.group(1)) >= 20:
                 break
         procs[1].send_signal(signal.SIGTERM)
         outs = [p.communicate(timeout=300) for p in procs]
+        assert not (two / "summary.json").exists()
+        reader = Checkpointer(str(two), read_only=True)
+        latest = reader.latest_step()
+        reader.close()
+        procs = two_processes()  # the same command again: it resumes
+        resumed = [p.communicate(timeout=300) for p in procs]
+        _, reference_err = reference.communicate(timeout=300)
     finally:
-        for p in procs:
+        for p in (*first, *procs, reference):
             p.kill()
     stopped = set()
-    for p, (_, err) in zip(procs, outs):
+    for p, (_, err) in zip(first, outs):
         assert p.returncode == 143, err[-3000:]
         m = re.search(r"preempted by SIGTERM at step (\d+): checkpoint saved", err)
         assert m, err[-3000:]
         stopped.add(int(m.group(1)))
     assert len(stopped) == 1, stopped  # one step, on both
-    reader = Checkpointer(str(two), read_only=True)
-    assert reader.latest_step() == stopped.pop() >= 20
-    reader.close()
-    assert not (two / "summary.json").exists()
-
-    check_ok([subprocess.CompletedProcess(p.args, p.wait(timeout=300), "", p.stderr.read())
-              for p in two_processes()])
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+    step = stopped.pop()
+    assert latest == step >= 20  # the step both reported is the one saved
+    check_ok([subprocess.CompletedProcess(p.args, p.returncode, *out)
+              for p, out in zip(procs, resumed)])
+    assert reference.returncode == 0, reference_err[-3000:]
     assert_close([np.asarray(x) for x in _leaves(load_params(str(two)))],
                  [np.asarray(x) for x in _leaves(load_params(str(one)))])
     s2, s1 = (json.loads((w / "summary.json").read_text()) for w in (two, one))
-    assert s2["resumed_from_step"] is not None and s1["resumed_from_step"] is None
+    assert s2["resumed_from_step"] == step and s1["resumed_from_step"] is None
     assert s2["test_accuracy"] == s1["test_accuracy"]
 
 
