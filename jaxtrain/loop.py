@@ -112,7 +112,8 @@ class PreemptionGuard:
     def __init__(self, processes: int = 1) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
-        self.synced = processes > 1 and bool(jax.config.jax_enable_preemption_service)
+        self.synced = processes > 1 and bool(
+            getattr(jax.config, "jax_enable_preemption_service", False))  # off: as one process
         self._asked: tuple[int, bool] = (-1, False)  # (call, answer) of the last sync point
 
     def install(self) -> PreemptionGuard:
