@@ -474,13 +474,11 @@ def default_memory_budget(devices: Sequence[Any]) -> int:
     from jaxtrain import distributed
 
     local = [d for d in devices if d.process_index == jax.process_index()] or list(devices)
-    budget = 0
-    for d in local:
-        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
-        if not stats or "bytes_limit" not in stats or d.platform == "cpu":
-            budget = 1 << 30
-            break
-        budget += int(0.4 * int(stats["bytes_limit"]) * len(devices) / len(local))
+    stats = [d.memory_stats() if hasattr(d, "memory_stats") else None for d in local]
+    if all(s and "bytes_limit" in s for s in stats) and local[0].platform != "cpu":
+        budget = int(0.4 * sum(s["bytes_limit"] for s in stats) * len(devices) / len(local))
+    else:
+        budget = 1 << 30
     return distributed.agree_min(budget >> 20) << 20
 
 
