@@ -7,7 +7,7 @@ The ResNet-18 train state (params, BatchNorm statistics, Adam moments: ~33.5M
 float32 values, 134 MB) is saved the way ``train_and_evaluate`` saves it, and
 side by side with two baselines, all in one process on one device:
 
-- ``jaxtrain``: ``loop.save``'s path: a compiled snapshot (a device copy of the
+- ``jaxtrain``: ``saving.Saves.save``'s path: a compiled snapshot (a device copy of the
   state plus one finiteness flag), then ``Checkpointer.save``, which returns at
   once; the device-to-host copy, CRC32 per leaf and the Orbax write run on a
   background thread.
@@ -46,7 +46,7 @@ def run(args) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
     from jaxtrain import data as data_lib
-    from jaxtrain import loop
+    from jaxtrain import program
     from jaxtrain.checkpoint import Checkpointer, snapshot, state_tree
     from jaxtrain.config import TrainConfig
 
@@ -60,12 +60,12 @@ def run(args) -> dict[str, Any]:
     )
     n_train = len(dataset.train["label"])
     device = jax.devices()[0]
-    state = jax.device_put(loop.build_model_and_state(config, dataset, 10_000), device)
+    state = jax.device_put(program.build_model_and_state(config, dataset, 10_000), device)
     train = jax.device_put(dataset.train, device)
-    key = jax.device_put(loop.step_key(0), device)
+    key = jax.device_put(program.step_key(0), device)
     idxs = [jax.device_put(data_lib.batch_indices(0, s, n_train, args.batch_size), device)
             for s in range(4)]
-    update = jax.jit(loop.make_update(config, resident=True), donate_argnums=(0,))
+    update = jax.jit(program.make_update(config, resident=True), donate_argnums=(0,))
     take_snapshot = jax.jit(snapshot)
     tree_bytes = _state_bytes(state_tree(state))
 

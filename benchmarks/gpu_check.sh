@@ -13,7 +13,7 @@
 #     tests        pytest -m "not slow" -x -q
 #     throughput   MLP digits, CNN MNIST-shape (f32), ResNet-18 CIFAR-shape (bf16): steps/s,
 #                  images/s, MFU against $PEAK_FLOPS (H100/H200 bf16 dense: 989e12)
-#     fused_steps  ResNet-18 again with 4 steps per call (loop.fuse_steps: a fori_loop)
+#     fused_steps  ResNet-18 again with 4 steps per call (fusing.fuse_steps: a fori_loop)
 #     pipeline     host pipeline vs device-resident vs synthetic batches
 #   phase B, nothing else running:
 #     torch_resnet ResNet-18 CIFAR-shape bf16 vs PyTorch (autocast bf16, channels_last,
@@ -98,7 +98,7 @@ else
   TORCH_ARGS=(--torch-compile on --torch-compile-mode default,reduce-overhead)
   TESTS=(-m "not slow" -x -q -p no:cacheprovider)
   TP_CASES=mlp:digits:float32,cnn:mnist:float32,resnet18:cifar:bfloat16
-  FUSED_CASES=resnet18:cifar:bfloat16   # 4 steps per call (loop.fuse_steps): is dispatch the gap?
+  FUSED_CASES=resnet18:cifar:bfloat16   # 4 steps per call (fusing.fuse_steps): is dispatch the gap?
   PIPE_CASES=mlp:digits,resnet18:cifar
   TTA_PLATFORMS=default,cpu
   CPU_CASES=mlp:digits,cnn:mnist

@@ -44,7 +44,7 @@ def _config(argv: list[str]):
 def _setup(config):
     """What the loop builds before its first step: strategy, data, state, compiled update."""
     from jaxtrain import data as data_lib
-    from jaxtrain import loop
+    from jaxtrain import loop, program
     from jaxtrain.parallel import create_strategy
 
     strategy = create_strategy(config.parallel, config.devices)
@@ -59,8 +59,8 @@ def _setup(config):
         config.data_placement == "auto"
         and dataset.train["image"].nbytes <= loop.DEVICE_DATA_BYTES
     )
-    host_state = loop.build_model_and_state(config, dataset, total)
-    update = strategy.compile(loop.make_update(config, resident=resident), donate_argnums=(0,))
+    host_state = program.build_model_and_state(config, dataset, total)
+    update = strategy.compile(program.make_update(config, resident=resident), donate_argnums=(0,))
     return strategy, dataset, n, total, resident, host_state, update
 
 
@@ -69,11 +69,11 @@ def bare_loop(config) -> dict[str, Any]:
     import jax
 
     from jaxtrain import data as data_lib
-    from jaxtrain import loop
+    from jaxtrain import program
 
     strategy, dataset, n, total, resident, host_state, update = _setup(config)
     state = strategy.replicate(host_state)
-    key = strategy.replicate(loop.step_key(config.seed))
+    key = strategy.replicate(program.step_key(config.seed))
     idx = [data_lib.batch_indices(config.seed, s, n, config.batch_size) for s in range(total)]
     if resident:
         data = strategy.replicate(dataset.train)

@@ -10,7 +10,7 @@ cores, so more devices mean more overhead, not more speed: the figures show
 what each strategy costs), on GPUs with ``create_strategy(kind, N)`` over the
 first N visible devices. Inside a process every strategy (``none`` only at one
 device, ``mesh``, ``pmap``) compiles the library's own step
-(``loop.make_update``, state donated, global batch fixed), then timed repeats
+(``program.make_update``, state donated, global batch fixed), then timed repeats
 alternate between strategies so load on a shared machine hits them alike;
 ``vs mesh`` is the ratio within one process. ``max_rel_diff`` checks that the
 strategies computed the same training (params after the same steps, relative
@@ -39,7 +39,7 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
 
     from benchmarks.throughput import load, train_config
     from jaxtrain import data as data_lib
-    from jaxtrain import loop
+    from jaxtrain import program
     from jaxtrain.parallel import create_strategy
 
     config = train_config(case)
@@ -50,7 +50,7 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
         reps = -(-bs // n_train)
         dataset.train.update({k: np.concatenate([v] * reps) for k, v in dataset.train.items()})
         n_train *= reps
-    host_state = loop.build_model_and_state(config, dataset, 10_000)
+    host_state = program.build_model_and_state(config, dataset, 10_000)
     batches = [data_lib.batch_indices(0, s, n_train, bs) for s in range(4)]
     n_dev = int(case["devices"])
     kinds = [k for k in case["strategies"] if k != "none" or n_dev == 1]
@@ -60,10 +60,10 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
     for kind in kinds:
         strategy = create_strategy(kind, n_dev)
         strategy.check_batch_size(bs)
-        update = strategy.compile(loop.make_update(config, resident=resident),
+        update = strategy.compile(program.make_update(config, resident=resident),
                                   donate_argnums=(0,))
         state = strategy.replicate(host_state)
-        key = strategy.replicate(loop.step_key(0))
+        key = strategy.replicate(program.step_key(0))
         if resident:
             data = strategy.replicate(dataset.train)
             inputs = [strategy.shard(idx) for idx in batches]  # placed ahead, as the loop does

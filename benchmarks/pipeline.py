@@ -37,7 +37,7 @@ def measure_pipeline(case: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from jaxtrain import data as data_lib
-    from jaxtrain import loop
+    from jaxtrain import loop, program
     from jaxtrain.parallel import prefetch
 
     config = throughput.train_config(case)
@@ -46,12 +46,12 @@ def measure_pipeline(case: dict[str, Any]) -> dict[str, Any]:
     bs = config.batch_size
     device = jax.devices()[0]
     put = lambda x: jax.device_put(x, device)
-    state = put(loop.build_model_and_state(config, dataset, 10_000))
-    key = put(loop.step_key(0))
+    state = put(program.build_model_and_state(config, dataset, 10_000))
+    key = put(program.step_key(0))
     train_host = dataset.train
     train_dev = put(dataset.train)
-    resident = jax.jit(loop.make_update(config, resident=True), donate_argnums=(0,))
-    streamed = jax.jit(loop.make_update(config, resident=False), donate_argnums=(0,))
+    resident = jax.jit(program.make_update(config, resident=True), donate_argnums=(0,))
+    streamed = jax.jit(program.make_update(config, resident=False), donate_argnums=(0,))
 
     def indices(step):
         return data_lib.batch_indices(0, step, n, bs)

@@ -7,7 +7,7 @@
                                                          # fused against single steps
 
 Each case runs in its own process (clean peak memory, no cache sharing) and
-times the library's own compiled step (``loop.make_update`` with the dataset on
+times the library's own compiled step (``program.make_update`` with the dataset on
 the device, batches gathered inside the step, state donated), exactly what
 ``train_and_evaluate`` runs. FLOPs come from XLA's cost analysis of the step
 before optimization (the model's arithmetic, platform independent); MFU is
@@ -79,7 +79,7 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from jaxtrain import data as data_lib
-    from jaxtrain import loop, parallel, profiling
+    from jaxtrain import fusing, parallel, profiling, program
 
     t0 = time.perf_counter()
     config = train_config(case)
@@ -91,18 +91,18 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
         dataset.train.update({k: np.concatenate([v] * reps) for k, v in dataset.train.items()})
         n_train *= reps
     k = int(case.get("steps_per_call", 1))
-    host_state = state = loop.build_model_and_state(config, dataset, 10_000)
-    single = loop.make_update(config, resident=True)
-    update = loop.fuse_steps(single, k, resident=True) if k > 1 else single
+    host_state = state = program.build_model_and_state(config, dataset, 10_000)
+    single = program.make_update(config, resident=True)
+    update = fusing.fuse_steps(single, k, resident=True) if k > 1 else single
     kind = case.get("parallel", "none")
     strategy = parallel.create_strategy(kind, int(case.get("devices", 0)))
-    if k > 1 and (needs := loop.fusing_needs(strategy.kind, resident=True)):
+    if k > 1 and (needs := fusing.fusing_needs(strategy.kind, resident=True)):
         raise ValueError(f"steps_per_call {k} needs {needs}")
     strategy.check_batch_size(bs)
     # placed as the loop places them: state, data and key replicated, batch indices sharded
     state = strategy.replicate(state)
     train = strategy.replicate(dataset.train)
-    key = strategy.replicate(loop.step_key(0))
+    key = strategy.replicate(program.step_key(0))
     fused_n = (np.int32(k),) if k > 1 else ()  # a fused call runs all k (fuse_steps' n)
     shape = (k, bs) if k > 1 else (bs,)
     put = strategy.shard_steps if k > 1 else strategy.shard  # [K, B]: sharded on B
@@ -122,7 +122,7 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     # (cost analysis counts a scan body once), on the host values (before any placement)
     model_flops = profiling.model_flops(single, host_state, dataset.train,
                                         np.resize(data_lib.batch_indices(0, 0, n_train, bs), bs)
-                                        .astype(np.int32), loop.step_key(0))
+                                        .astype(np.int32), program.step_key(0))
     xla_flops = common.compiled_flops(compiled) if k == 1 else None
 
     counter = {"i": 0}
@@ -196,7 +196,7 @@ def parse_args(argv):
     p.add_argument("--peak-flops", type=float, default=None,
                    help="peak FLOP/s of one device for MFU (H100 SXM bf16 dense: 989e12)")
     p.add_argument("--steps-per-call", type=_int_list, default=[1],
-                   help="steps per compiled call (loop.fuse_steps), comma separated: each case "
+                   help="steps per compiled call (fusing.fuse_steps), comma separated: each case "
                         "runs once per value, one after the other, and the table gives "
                         "each value's steps/s over the first's (median over --rounds)")
     p.add_argument("--rounds", type=int, default=1,

@@ -11,7 +11,7 @@ the test split after every epoch until it reaches ``--target``. Reported:
 seconds from process launch (interpreter, imports, data, init, compile,
 training and evals) and from the start of training, steady seconds per step,
 epochs needed, and peak memory. The persistent cache keeps every program
-(``jax_persistent_cache_min_compile_time_secs=0``, as ``loop.setup_compilation_cache``
+(``jax_persistent_cache_min_compile_time_secs=0``, as ``program.setup_compilation_cache``
 sets it too since its old 0.5 s floor skipped the small digits programs).
 """
 
@@ -33,11 +33,11 @@ def train_to_target(case: dict[str, Any]) -> dict[str, Any]:
 
     from experiments.digits_mlp import DEFAULTS
     from jaxtrain import data as data_lib
-    from jaxtrain import loop
+    from jaxtrain import evaluation, program
     from jaxtrain.steps import eval_step
 
     if case.get("cache"):
-        loop.setup_compilation_cache(case["cache"])
+        program.setup_compilation_cache(case["cache"])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     t_imports = time.time()
     config = DEFAULTS.replace(epochs=case["epochs"], compilation_cache="", progress="none")
@@ -48,13 +48,13 @@ def train_to_target(case: dict[str, Any]) -> dict[str, Any]:
     device = jax.devices()[0]
     t_data = time.time()
 
-    state = jax.device_put(loop.build_model_and_state(config, dataset, total), device)
-    update = jax.jit(loop.make_update(config, resident=True), donate_argnums=(0,))
+    state = jax.device_put(program.build_model_and_state(config, dataset, total), device)
+    update = jax.jit(program.make_update(config, resident=True), donate_argnums=(0,))
     eval_fn = jax.jit(eval_step)
     put = lambda x: jax.device_put(x, device)
     train = put(dataset.train)
-    key = put(loop.step_key(config.seed))
-    evaluate = lambda st: loop.evaluate(put, jax.device_get, eval_fn, st, dataset.test,
+    key = put(program.step_key(config.seed))
+    evaluate = lambda st: evaluation.evaluate(put, jax.device_get, eval_fn, st, dataset.test,
                                         config.eval_batch_size)
     curve, hit, t_first_step, epoch_times = [], None, None, []
     t_epoch = time.time()

@@ -22,7 +22,7 @@ reported as ratios jaxtrain / PyTorch):
   the checkpoint saves made inside the loop). ``wall_s`` keeps its old meaning
   (jaxtrain end to end, PyTorch ``train_eval_s``). A floor comes with them
   (``steps_only``): the run's training steps alone, already compiled, one fused
-  call (``loop.fuse_steps``) per epoch; PyTorch's ``train_eval_s`` over it bounds
+  call (``fusing.fuse_steps``) per epoch; PyTorch's ``train_eval_s`` over it bounds
   the speedup any jaxtrain loop could show. ``--mlp-rounds`` rounds of warm-cache
   runs follow, a process each: jaxtrain's defaults, each ``--steps-per-call`` variant, then
   PyTorch; every jaxtrain run's ratio to its round's PyTorch run is kept
@@ -81,7 +81,7 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     # what a run with the loop's defaults gets: --cpu-devices auto's split on this host,
     # and --steps-per-call auto's K (_auto_cpu_devices_variant)
     AUTO_VARIANT: ({}, ""),
-    # K steps per compiled call (loop.fuse_steps), one device: --steps-per-call 4
+    # K steps per compiled call (fusing.fuse_steps), one device: --steps-per-call 4
     "4 steps per call": ({"steps_per_call": 4}, ""),
     "bf16": ({"dtype": "bfloat16"}, ""),
     "NCHW layout": ({"model": "cnn_nchw"}, ""),
@@ -432,7 +432,7 @@ def torch_train(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from jaxtrain import data as data_lib
-    from jaxtrain import loop
+    from jaxtrain import program
 
     config = digits_config(epochs=case["epochs"])
     t_setup = time.perf_counter()
@@ -441,7 +441,7 @@ def torch_train(case: dict[str, Any]) -> dict[str, Any]:
     n = len(dataset.train["label"])
     per_epoch = data_lib.steps_per_epoch(n, config.batch_size)
     total = per_epoch * config.epochs
-    host_state = loop.build_model_and_state(config, dataset, total)
+    host_state = program.build_model_and_state(config, dataset, total)
     order = np.stack([data_lib.batch_indices(config.seed, s, n, config.batch_size)
                       for s in range(total)]).astype(np.int64)
     device = _torch_device()
@@ -561,7 +561,7 @@ def jax_steps_only(case: dict[str, Any]) -> dict[str, Any]:
     """The floor under any jaxtrain loop: the whole run's training steps and nothing else.
 
     Same initial state, batch order and step as ``train_and_evaluate``, one fused
-    call (``loop.fuse_steps``) per epoch over device-resident data, already compiled:
+    call (``fusing.fuse_steps``) per epoch over device-resident data, already compiled:
     no evaluation, checkpoint, metrics or compile. ``steps_only_s`` is the best of
     ``repeats`` passes over every step of the run; no loop around these steps can
     train in less. Beside it, this CPU's f32 matmul rate (a 1024^3 dot) puts the
@@ -571,18 +571,18 @@ def jax_steps_only(case: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from jaxtrain import data as data_lib
-    from jaxtrain import loop, profiling
+    from jaxtrain import fusing, profiling, program
 
     config = digits_config(epochs=case["epochs"])
     dataset = data_lib.load_dataset(config.dataset, val_fraction=config.val_fraction)
     n = len(dataset.train["label"])
     per_epoch = data_lib.steps_per_epoch(n, config.batch_size)
     total = per_epoch * config.epochs
-    host_state = loop.build_model_and_state(config, dataset, total)
-    update = loop.make_update(config, resident=True)
-    epoch = jax.jit(loop.fuse_steps(update, per_epoch, resident=True), donate_argnums=(0,))
+    host_state = program.build_model_and_state(config, dataset, total)
+    update = program.make_update(config, resident=True)
+    epoch = jax.jit(fusing.fuse_steps(update, per_epoch, resident=True), donate_argnums=(0,))
     data = jax.device_put(dataset.train)
-    key = jax.device_put(loop.step_key(config.seed))
+    key = jax.device_put(program.step_key(config.seed))
     order = [jax.device_put(np.stack([data_lib.batch_indices(config.seed, s, n, config.batch_size)
                                       for s in range(e * per_epoch, (e + 1) * per_epoch)]))
              for e in range(config.epochs)]
@@ -600,7 +600,7 @@ def jax_steps_only(case: dict[str, Any]) -> dict[str, Any]:
         run_all()
         times.append(time.perf_counter() - t0)
     flops = profiling.model_flops(update, host_state, dataset.train,
-                                  order[0][0], loop.step_key(config.seed))
+                                  order[0][0], program.step_key(config.seed))
     a = jnp.ones((1024, 1024), jnp.float32)
     dot = jax.jit(lambda x: x @ x)
     jax.block_until_ready(dot(a))
@@ -787,7 +787,7 @@ def _auto_cpu_devices_variant(base: dict[str, Any]) -> tuple[dict[str, Any], str
     (timed here with every call running all of them)."""
     from experiments.mnist_cnn import DEFAULTS  # imports jax, starts nothing
     from jaxtrain import data as data_lib
-    from jaxtrain import loop
+    from jaxtrain import fusing
     from jaxtrain.parallel import auto_cpu_devices, usable_cores
 
     hw = throughput.SHAPES[base.get("data", "mnist")][:2]
@@ -795,7 +795,7 @@ def _auto_cpu_devices_variant(base: dict[str, Any]) -> tuple[dict[str, Any], str
     config = DEFAULTS.replace(model=base["model"], batch_size=base["batch_size"])
     per_epoch = data_lib.steps_per_epoch(
         MNIST_TRAIN - data_lib.holdout_count(MNIST_TRAIN, config.val_fraction), config.batch_size)
-    k = loop.auto_steps_per_call(config, "cpu", "mesh" if n > 1 else "none", False, per_epoch)
+    k = fusing.auto_steps_per_call(config, "cpu", "mesh" if n > 1 else "none", False, per_epoch)
     changes = {"steps_per_call": k} if k > 1 else {}
     return _on_cpu_devices("mesh", n, **changes) if n > 1 else (changes, "")
 

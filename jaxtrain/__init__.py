@@ -52,8 +52,8 @@ __all__ = [
 # The loop and checkpoints pull in Orbax, the writers and scipy: import them on first use.
 _LAZY = {
     "train_and_evaluate": "jaxtrain.loop",
-    "NonFiniteError": "jaxtrain.loop",
-    "Preempted": "jaxtrain.loop",
+    "NonFiniteError": "jaxtrain.nonfinite",
+    "Preempted": "jaxtrain.preemption",
     "load_params": "jaxtrain.checkpoint",
     "load_variables": "jaxtrain.checkpoint",
     "summarize": "jaxtrain.stats",

@@ -68,8 +68,8 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 50
     # fuse up to this many training steps into one compiled call (a loop); 1 = off; 0 = auto
-    # (loop.auto_steps_per_call: fused where it was measured faster). One seed; one device
-    # or a mesh with device-resident data (loop.fusing_needs).
+    # (fusing.auto_steps_per_call: fused where it was measured faster). One seed; one device
+    # or a mesh with device-resident data (fusing.fusing_needs).
     steps_per_call: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2

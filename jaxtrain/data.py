@@ -255,7 +255,7 @@ def _permutation(n: int):
 
     One compiled call (seed and epoch traced: no recompiling per epoch) instead of a
     few eager ops; the loop pays this once per epoch, ~30x cheaper, same values. On
-    CPU it compiles without LLVM optimization (as ``loop.run_once``): integer hashing
+    CPU it compiles without LLVM optimization (as ``program.run_once``): integer hashing
     and a sort give the same values either way, the compile is ~0.3 s shorter (the
     loop's first batch waits for it), and a call takes the same time (~1 ms for 1k
     examples, ~45 ms for 60k: the sort)."""

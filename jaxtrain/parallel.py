@@ -129,7 +129,7 @@ class Strategy:
     def shard_steps(self, tree: PyTree) -> PyTree:
         """This process's rows of ``K`` steps' global batches ``[K, B / processes, ...]``
         -> a global ``[K, B, ...]`` array sharded over devices on its batch axis (a fused
-        call's input, ``loop.fuse_steps``): each step's rows sit where ``shard`` puts them.
+        call's input, ``fusing.fuse_steps``): each step's rows sit where ``shard`` puts them.
         ``none`` and ``mesh`` only (a ``pmap`` function maps a leading device axis)."""
         if self.kind == "none":
             return jax.device_put(tree, self.devices[0])

@@ -185,7 +185,7 @@ def _size(n: float) -> str:
 
 
 def format_dry_run(report: dict[str, Any]) -> str:
-    """The lines ``--dry-run`` prints for a report built by ``loop.dry_run``."""
+    """The lines ``--dry-run`` prints for a report built by ``dry_run.dry_run``."""
     r = report
     lines = [
         f"dry run: {r['model']} on {r['dataset']} {tuple(r['image_shape'])}, global batch "

@@ -2,8 +2,8 @@
 
 Seed ``i`` of a run with base seed ``s`` is exactly the single run with seed
 ``s + i``: its init key, data order, dropout and augmentation keys are derived
-by the same functions (``loop.init_key``, ``data.batch_indices``,
-``loop.step_key``), only vmapped. Every state leaf, key and metric gains a
+by the same functions (``program.init_key``, ``data.batch_indices``,
+``program.step_key``), only vmapped. Every state leaf, key and metric gains a
 leading axis ``[S, ...]``; the batch indices are ``[S, B]``.
 
 Placement (``jax.jit`` over the strategy's 1-D mesh ``data``):

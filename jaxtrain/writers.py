@@ -7,6 +7,7 @@ with ``step``, ``split`` and metric names). The others mirror it:
   ``{split}/{metric}`` (``{split}/{metric}/seed_{s}`` for seed runs);
   ``read_tensorboard`` reads them back without TensorBoard installed.
 - ``LogWriter`` (alias ``ConsoleWriter``): plain lines on a stream.
+- ``Progress``: the loop's tqdm bar on a terminal, else ``LogWriter`` lines.
 - ``WandbWriter`` / ``MlflowWriter``: imported only when asked for; a missing
   package is a one-line ``WriterError``.
 
@@ -81,6 +82,38 @@ class LogWriter:
 
 
 ConsoleWriter = LogWriter
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain log lines otherwise (or nothing)."""
+
+    def __init__(self, mode: str, total: int, initial: int, enabled: bool):
+        if mode == "auto":
+            mode = "bar" if sys.stdout.isatty() else "log"
+        self.mode = mode if enabled else "none"
+        self._bar = None
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self._log = LogWriter() if self.mode == "log" else None
+
+    def update(self, step: int, n: int, split: str, metrics: dict[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+        elif self._log is not None:
+            self._log.write(step, split, metrics)
+
+    def note(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        elif self._log is not None:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _import_summary_writer() -> type:

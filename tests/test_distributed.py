@@ -38,8 +38,8 @@ def worker(out: str, kind: str, num_processes: int, process_id: int, port: int) 
     from jaxtrain import distributed
     from jaxtrain.checkpoint import Checkpointer, state_tree
     from jaxtrain.config import TrainConfig
-    from jaxtrain.loop import build_model_and_state, make_update, step_key
     from jaxtrain.parallel import create_strategy, prefetch
+    from jaxtrain.program import build_model_and_state, make_update, step_key
     from jaxtrain.steps import eval_step
 
     group = distributed.initialize(

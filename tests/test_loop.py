@@ -14,8 +14,8 @@ import pytest
 
 from experiments import cifar10_resnet, digits_mlp, mnist_cnn
 from jaxtrain.config import build_parser
-from jaxtrain.loop import Progress, train_and_evaluate
-from jaxtrain.writers import read_jsonl
+from jaxtrain.loop import train_and_evaluate
+from jaxtrain.writers import Progress, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lean runs: no compilation cache or TensorBoard (tested elsewhere), no best-checkpoint saves.
@@ -223,17 +223,17 @@ def test_evaluate_on_batches_placed_once_equals_placing_each_time():
     import numpy as np
 
     from jaxtrain import data as data_lib
-    from jaxtrain import loop
+    from jaxtrain import evaluation, program
     from jaxtrain.parallel import create_strategy
     from jaxtrain.steps import eval_step
 
     strategy = create_strategy("mesh", 0)
     dataset = data_lib.load_dataset("digits", val_fraction=0.1)
-    state = strategy.replicate(loop.build_model_and_state(digits_mlp.DEFAULTS, dataset, 10))
+    state = strategy.replicate(program.build_model_and_state(digits_mlp.DEFAULTS, dataset, 10))
     eval_fn = strategy.compile(eval_step)
-    placed = list(loop.eval_inputs(strategy.shard, dataset.val, 64))
+    placed = list(evaluation.eval_inputs(strategy.shard, dataset.val, 64))
     assert len(placed) == 3 and all(isinstance(b["image"], jax.Array) for b in placed)
-    again = [loop.evaluate(strategy.shard, strategy.unreplicate, eval_fn, state, dataset.val, 64,
+    again = [evaluation.evaluate(strategy.shard, strategy.unreplicate, eval_fn, state, dataset.val, 64,
                            placed=placed) for _ in range(2)]
-    fresh = loop.evaluate(strategy.shard, strategy.unreplicate, eval_fn, state, dataset.val, 64)
+    fresh = evaluation.evaluate(strategy.shard, strategy.unreplicate, eval_fn, state, dataset.val, 64)
     assert again[0] == again[1] == fresh and 0 < fresh["loss"] < np.inf

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import jaxtrain.data as data_lib
-import jaxtrain.loop as loop_lib
+import jaxtrain.program as program_lib
 from experiments import digits_mlp
 from jaxtrain.checkpoint import Checkpointer, first_nonfinite, load_params
 from jaxtrain.loop import NonFiniteError, Preempted, train_and_evaluate
@@ -187,7 +187,7 @@ def corrupting_step(monkeypatch):
     """A train step that turns the params to NaN on reaching optimizer step 5 yet reports
     finite metrics; the save at step 5 comes before any step could see the NaN, so only
     the save-time check can catch it."""
-    step_fn = loop_lib.train_step
+    step_fn = program_lib.train_step
 
     @functools.wraps(step_fn)
     def corrupt(state, batch, rng, **kwargs):
@@ -195,7 +195,7 @@ def corrupting_step(monkeypatch):
         params = jax.tree.map(lambda p: jnp.where(new.step == 5, jnp.nan, p), new.params)
         return new.replace(params=params), metrics
 
-    monkeypatch.setattr(loop_lib, "train_step", corrupt)
+    monkeypatch.setattr(program_lib, "train_step", corrupt)
 
 
 @pytest.mark.parametrize("policy", ["raise", "skip", "rollback"])

@@ -35,8 +35,8 @@ from jax.sharding import PartitionSpec as P
 from jaxtrain import data as data_lib
 from jaxtrain import models
 from jaxtrain.config import TrainConfig
-from jaxtrain.loop import build_model_and_state, init_key, make_update, step_key
 from jaxtrain.parallel import AXIS, ParallelError, create_strategy, prefetch, use_cpu_devices
+from jaxtrain.program import build_model_and_state, init_key, make_update, step_key
 from jaxtrain.state import create_train_state
 from jaxtrain.steps import eval_step
 

@@ -123,7 +123,7 @@ def test_held_best_checkpoints_leave_the_same_files(tmp_path, monkeypatch):
     """A best found within BEST_WRITE_INTERVAL_S of the last best write is held and written
     before any later checkpoint, on preemption and when the run stops on an error: the
     files are those of writing every best at once, and a resume is still exact."""
-    import jaxtrain.loop as loop_lib
+    import jaxtrain.saving as saving_lib
 
     config = BASE.replace(checkpoint_every=0)  # checkpoints: the best ones and the last
     saves: list[int] = []
@@ -135,12 +135,12 @@ def test_held_best_checkpoints_leave_the_same_files(tmp_path, monkeypatch):
         reader = Checkpointer(workdir, read_only=True, best_metric="val_accuracy")
         return reader.all_steps(), reader.best_step()
 
-    monkeypatch.setattr(loop_lib, "BEST_WRITE_INTERVAL_S", 0.0)  # every best at once
+    monkeypatch.setattr(saving_lib, "BEST_WRITE_INTERVAL_S", 0.0)  # every best at once
     train_and_evaluate(config, str(tmp_path / "eager"))
     eager, improved = list(saves), saves[:-1]
     assert eager[-1] == TOTAL_STEPS and improved and improved[0] == 20
 
-    monkeypatch.setattr(loop_lib, "BEST_WRITE_INTERVAL_S", 1e9)
+    monkeypatch.setattr(saving_lib, "BEST_WRITE_INTERVAL_S", 1e9)
     saves.clear()
     train_and_evaluate(config, str(tmp_path / "held"))
     assert saves == [improved[-1], TOTAL_STEPS]  # the held best, written before the last one
@@ -402,7 +402,7 @@ def test_sigterm_subprocess_exits_nonzero_with_checkpoint_and_resumes(tmp_path, 
 
 GUARD_SCRIPT = """
 import sys, time
-from jaxtrain.loop import PreemptionGuard
+from jaxtrain.preemption import PreemptionGuard
 guard = PreemptionGuard().install()
 print("ready", flush=True)
 while guard.signum is None:

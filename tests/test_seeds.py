@@ -224,9 +224,10 @@ def test_seed_parallel_steps_compute_each_devices_seeds_without_collectives():
     had partitioned on its features, all-gathering activations (and on 2 CPU devices the
     MNIST CNN's step then aborted in the all-gather's rendezvous). Their results equal
     the same vmap on one device."""
-    from jaxtrain.loop import build_model_and_state, eval_step, make_update, step_key
     from jaxtrain.parallel import create_strategy
+    from jaxtrain.program import build_model_and_state, make_update, step_key
     from jaxtrain.seeds import SeedPlacement, vmap_eval, vmap_update
+    from jaxtrain.steps import eval_step
 
     config = BASE.replace(model="cnn", dataset="synthetic", synthetic_shape=(12, 12, 1),
                           synthetic_size=64, batch_size=8, num_seeds=4)

@@ -276,8 +276,8 @@ def run_robustness(workdir: str, config: RobustnessConfig | None = None,
     import jax
 
     from jaxtrain.config import check_writable_dir
-    from jaxtrain.loop import setup_compilation_cache
     from jaxtrain.parallel import create_strategy
+    from jaxtrain.program import setup_compilation_cache
     from jaxtrain.robustness import report as report_lib
 
     t_start = time.perf_counter()

@@ -1,0 +1,83 @@
+"""Where a run continues from (``--resume``): the latest sound checkpoint whose config
+matches, and ``metrics.jsonl`` cut back to it so the file reads as one run."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+
+from jaxtrain.checkpoint import Checkpointer, Restored, checkpoint_dir, set_aside
+from jaxtrain.config import ConfigError, TrainConfig
+
+
+def drop_records_after(path: str, step: int) -> None:
+    """On resume at ``step``: removes ``metrics.jsonl`` records of later steps (that work
+    is redone) and a line cut short by a kill, so the file reads as one run."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+
+    def keep(line: str) -> bool:
+        try:
+            return int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    kept = [line for line in lines if keep(line)]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+def resume_point(config: TrainConfig, workdir: str, target: Any) -> Restored | None:
+    """The checkpoint a run continues from under ``--resume``, or None to start fresh.
+
+    Checks the saved config and every leaf shape against ``target`` before anything
+    is written (``ConfigError`` names the first mismatch). Damaged newer checkpoints
+    are set aside with a warning naming both steps."""
+    directory = checkpoint_dir(workdir)
+    found = None
+    if os.path.isdir(directory):
+        reader = Checkpointer(workdir, read_only=True)
+        try:
+            if config.resume == "never" and reader.all_steps():
+                raise ConfigError(f"--resume never, but {directory} already holds checkpoints; "
+                                  "use a new --workdir")
+            if config.resume != "never":
+                found = reader.restore_latest(
+                    target, check=lambda meta: check_resumable(meta.get("config", {}), config)
+                )
+        finally:
+            reader.close()
+    if found is None:
+        if config.resume == "must":
+            raise ConfigError(f"--resume must, but {directory} holds no checkpoint")
+        return None
+    for step, reason in found.damaged:
+        moved = set_aside(workdir, step) if jax.process_index() == 0 else None
+        print(f"warning: the latest checkpoint, step {step}, is damaged ({reason}); falling back "
+              f"to step {found.step}" + (f" (moved it to {moved})" if moved else ""),
+              file=sys.stderr, flush=True)
+    return found
+
+
+def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    """Raises ``ConfigError`` naming the first field where a checkpoint's config differs."""
+    current = config.to_dict()
+    for name, value in current.items():
+        if name in TrainConfig.RUNTIME_FIELDS:
+            continue
+        old = saved.get(name, value)
+        if isinstance(value, tuple):
+            old = tuple(old) if isinstance(old, list) else old
+        if old != value:
+            raise ConfigError(
+                f"workdir holds checkpoints of a different run: --{name.replace('_', '-')} "
+                f"was {old!r}, now {value!r} (use another --workdir or --resume never)"
+            )
