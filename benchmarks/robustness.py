@@ -7,7 +7,7 @@ Model: the digits MLP (256, 256), randomly initialised per seed; data: the digit
 split (359 images). Conditions: every corruption x 5 severities x keys x seeds.
 
 - vmapped: ``suite.corruption_program`` per corruption group (severities, keys and
-  seeds vmapped; one compiled program per group), run by ``suite.Evaluator``;
+  seeds vmapped; one compiled program per group), run by ``evaluator.Evaluator``;
 - loop: one jitted function per corruption (severity parameter and key traced, so
   it compiles once per corruption), called from Python for every (seed, severity,
   key), the per-condition sums added on the host.
@@ -65,9 +65,10 @@ def _apply(model, variables, images):
 def run_vmapped(apply_fn, variables, split, spec, options, repeats):
     import jax
 
+    from jaxtrain.robustness import evaluator as E
     from jaxtrain.robustness import suite as S
 
-    ev = S.Evaluator(variables, split, fast_compile=options is not None)
+    ev = E.Evaluator(variables, split, fast_compile=options is not None)
     key = jax.random.PRNGKey(spec.seed)
     programs = [(g, S.corruption_program(apply_fn, spec, names, key)) for g, names in spec.groups()]
     t0 = time.perf_counter()
@@ -164,6 +165,7 @@ def main(argv=None) -> int:
 
     import jax
 
+    from jaxtrain.robustness import evaluator as E
     from jaxtrain.robustness import suite as S
     from jaxtrain.robustness.perturbations import CORRUPTIONS
 
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
     spec = S.SuiteSpec(corruptions=names, num_keys=args.num_keys, flip_noises=()).validate()
     fast = (jax.devices()[0].platform == "cpu") if args.fast_compile == "auto" else (
         args.fast_compile == "on")
-    options = dict(S.FAST_COMPILE) if fast else None
+    options = dict(E.FAST_COMPILE) if fast else None
     cases = []
     print(f"{'seeds':>5} {'conditions':>10} | {'vmapped first':>13} {'loop first':>10} "
           f"{'ratio':>6} | {'vmapped steady':>14} {'loop steady':>11} {'ratio':>6}")

@@ -28,6 +28,7 @@ import pytest
 from jaxtrain.data import load_dataset
 from jaxtrain.models import create_model
 from jaxtrain.parallel import create_strategy
+from jaxtrain.robustness import evaluator as E
 from jaxtrain.robustness import metrics as M
 from jaxtrain.robustness import suite as S
 from jaxtrain.robustness.attacks import ATTACK_DEFAULTS, fgsm, pgd_linf
@@ -252,11 +253,11 @@ def test_random_corruptions_are_those_that_use_the_key():
 
 
 def test_auto_chunk_size():
-    assert S.auto_chunk_size(100, 10_000, 1000, 8) == 96  # 100 fit; 11 chunks of <= 96
-    assert S.auto_chunk_size(100, 10**9, 1000, 8) == 1000  # all fit: one chunk
-    assert S.auto_chunk_size(100, 10**9, 359, 8) == 360  # rounded up to the devices
-    assert S.auto_chunk_size(10**9, 1, 359, 8) == 8  # never below one row per device
-    assert S.auto_chunk_size(100, 25_000, 359, 1) == 180  # 2 even chunks, not 250 + 109
+    assert E.auto_chunk_size(100, 10_000, 1000, 8) == 96  # 100 fit; 11 chunks of <= 96
+    assert E.auto_chunk_size(100, 10**9, 1000, 8) == 1000  # all fit: one chunk
+    assert E.auto_chunk_size(100, 10**9, 359, 8) == 360  # rounded up to the devices
+    assert E.auto_chunk_size(10**9, 1, 359, 8) == 8  # never below one row per device
+    assert E.auto_chunk_size(100, 25_000, 359, 1) == 180  # 2 even chunks, not 250 + 109
 
 
 class _Device:
@@ -278,11 +279,11 @@ def test_default_memory_budget_reads_only_this_processes_devices():
     gib = 1 << 30
     here, other = jax.process_index(), jax.process_index() + 1
     two_here = [_Device(here, 10 * gib), _Device(here, 10 * gib)]
-    assert S.default_memory_budget(two_here) == 8 * gib
-    assert S.default_memory_budget([*two_here, _Device(other, 10 * gib)] * 2) == 24 * gib
-    assert S.default_memory_budget([_Device(here, 3 * gib + 12345)]) == (int(1.2 * gib) >> 20) << 20
-    assert S.default_memory_budget([_Device(here, None), _Device(other, gib)]) == gib
-    assert S.default_memory_budget([_Device(here, 10 * gib, "cpu")]) == gib
+    assert E.default_memory_budget(two_here) == 8 * gib
+    assert E.default_memory_budget([*two_here, _Device(other, 10 * gib)] * 2) == 24 * gib
+    assert E.default_memory_budget([_Device(here, 3 * gib + 12345)]) == (int(1.2 * gib) >> 20) << 20
+    assert E.default_memory_budget([_Device(here, None), _Device(other, gib)]) == gib
+    assert E.default_memory_budget([_Device(here, 10 * gib, "cpu")]) == gib
 
 
 def test_program_bytes_grows_with_the_chunk(tiny):
@@ -292,7 +293,7 @@ def test_program_bytes_grows_with_the_chunk(tiny):
     def bound(n):
         batch = {"image": split["image"][:n], "label": split["label"][:n],
                  "mask": np.ones(n, np.float32), "index": np.arange(n, dtype=np.int32)}
-        return S.program_bytes(jax.jit(program).trace(variables, batch).jaxpr)
+        return E.program_bytes(jax.jit(program).trace(variables, batch).jaxpr)
 
     b8, b16 = bound(8), bound(16)
     # images x severities x keys x seeds of activations at least

@@ -13,6 +13,8 @@ from jaxtrain.robustness.attacks import (
     robust_correct,
     run_attack,
 )
+from jaxtrain.robustness.evaluator import Evaluator, RobustnessError
+from jaxtrain.robustness.markdown import render_markdown
 from jaxtrain.robustness.metrics import (
     accuracy,
     brier,
@@ -37,7 +39,7 @@ from jaxtrain.robustness.perturbations import (
     perturb_by_param,
     stacked_params,
 )
-from jaxtrain.robustness.report import build_report, load_baseline, render_markdown, write_report
+from jaxtrain.robustness.report import build_report, load_baseline, write_report
 from jaxtrain.robustness.runner import (
     LoadedRun,
     RobustnessConfig,
@@ -50,8 +52,6 @@ from jaxtrain.robustness.suite import (
     CORRUPTION_GROUPS,
     RANDOM_CORRUPTIONS,
     AttackSetting,
-    Evaluator,
-    RobustnessError,
     SuiteResult,
     SuiteSpec,
     attack_settings,

@@ -35,7 +35,7 @@ zoom) ignore keys and are evaluated once per severity whatever ``num_keys``.
 
 Chunks: the test set is cut into chunks of ``chunk_size`` examples (the last
 one padded and masked), sized from a memory budget when not given
-(``auto_chunk_size``), a multiple of the number of devices; each chunk's batch is
+(``evaluator.auto_chunk_size``), a multiple of the number of devices; each chunk's batch is
 sharded over the devices on its example axis like a training batch
 (``jaxtrain.parallel``), and the sums are added on the host in float64 / int64.
 """
@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -56,6 +55,7 @@ import numpy as np
 from jax import lax
 
 from jaxtrain.robustness.attacks import ATTACK_DEFAULTS, AttackSpec, robust_correct, run_attack
+from jaxtrain.robustness.evaluator import Evaluator, ProgramRun, RobustnessError
 from jaxtrain.robustness.metrics import DEFAULT_NUM_BINS, calibration_stats
 from jaxtrain.robustness.perturbations import (
     CORRUPTIONS,
@@ -86,10 +86,6 @@ FLIP_NOISES = ("gaussian_noise", "speckle_noise", "impulse_noise")
 ATTACK_METHODS = ("fgsm", "pgd_linf", "pgd_l2")
 ATTACK_NORMS = {"fgsm": "linf", "pgd_linf": "linf", "pgd_l2": "l2"}
 _FLIP_TAG, _ATTACK_TAG = 0xF11B, 0xA77A
-
-
-class RobustnessError(ValueError):
-    """A suite setting or run that cannot be evaluated (message is one line)."""
 
 
 # ----------------------------------------------------------------------------- attack presets
@@ -195,7 +191,7 @@ def attack_settings(
 @dataclasses.dataclass(frozen=True)
 class SuiteSpec:
     """What the suite evaluates. ``chunk_size`` 0 sizes chunks from ``memory_budget_bytes``
-    (0: ``default_memory_budget``)."""
+    (0: ``evaluator.default_memory_budget``)."""
 
     corruptions: tuple[str, ...] = CORRUPTIONS
     severities: tuple[int, ...] = SEVERITIES
@@ -420,198 +416,6 @@ def image_sets_program(apply_fn: ApplyFn, num_bins: int = DEFAULT_NUM_BINS) -> C
         return _psum(jax.vmap(stats_of)(variables_S), axis_name)
 
     return program
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def _aval_bytes(aval: Any) -> int:
-    shape = getattr(aval, "shape", ())
-    dtype = getattr(aval, "dtype", None)
-    itemsize = getattr(dtype, "itemsize", 8) if dtype is not None else 8
-    return int(math.prod(shape)) * int(itemsize)
-
-
-def _jaxpr_bytes(jaxpr: Any) -> int:
-    """Bytes of every value a jaxpr (and its sub-jaxprs) produces: an upper bound of what
-    its program keeps live, as if no buffer were ever reused."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        total += sum(_aval_bytes(v.aval) for v in eqn.outvars)
-        for sub in _sub_jaxprs(eqn.params):
-            total += _jaxpr_bytes(sub)
-    return total
-
-
-def _sub_jaxprs(params: Mapping[str, Any]) -> Iterable[Any]:
-    """The jaxprs inside an equation's params (scan, cond and pjit bodies, ...)."""
-    try:
-        from jax.extend.core import jaxprs_in_params
-    except ImportError:  # older JAX: look for them by shape
-        def jaxprs_in_params(params):
-            for value in params.values():
-                for v in value if isinstance(value, (tuple, list)) else (value,):
-                    inner = getattr(v, "jaxpr", v)
-                    if hasattr(inner, "eqns"):
-                        yield inner
-
-    return jaxprs_in_params(params)
-
-
-def program_bytes(closed_jaxpr: Any) -> int:
-    """Memory bound of a traced program: its inputs plus every value it produces."""
-    jaxpr = closed_jaxpr.jaxpr
-    return sum(_aval_bytes(v.aval) for v in jaxpr.invars) + _jaxpr_bytes(jaxpr)
-
-
-def default_memory_budget(devices: Sequence[Any]) -> int:
-    """Bytes the suite may use over ``devices``: 40% of each accelerator's memory limit;
-    1 GiB in all on CPU (fake CPU devices share one host).
-
-    A process reads only its own devices (another's ``memory_stats`` raises), takes
-    theirs for every device, and agrees with the others on the smallest figure, so
-    every process picks the same chunks (``distributed.agree_min``, in MiB)."""
-    from jaxtrain import distributed
-
-    local = [d for d in devices if d.process_index == jax.process_index()] or list(devices)
-    stats = [d.memory_stats() if hasattr(d, "memory_stats") else None for d in local]
-    if all(s and "bytes_limit" in s for s in stats) and local[0].platform != "cpu":
-        budget = int(0.4 * sum(s["bytes_limit"] for s in stats) * len(devices) / len(local))
-    else:
-        budget = 1 << 30
-    return distributed.agree_min(budget >> 20) << 20
-
-
-def auto_chunk_size(per_example_bytes: int, budget_bytes: int, num_examples: int, ways: int) -> int:
-    """A chunk size (a multiple of ``ways``, at least ``ways``) whose estimated memory fits
-    ``budget_bytes``: the fewest chunks that fit, evened out so the padding of the last
-    chunk stays under ``ways`` examples per chunk."""
-    fit = max(ways, max(1, budget_bytes // max(1, per_example_bytes)) // ways * ways)
-    chunks = -(-num_examples // fit)
-    even = -(-num_examples // chunks)
-    return max(ways, -(-even // ways) * ways)
-
-
-# ----------------------------------------------------------------------------- running
-
-
-@dataclasses.dataclass
-class ProgramRun:
-    """Host sums of one program over the test set, and how it ran."""
-
-    name: str
-    sums: PyTree
-    chunk_size: int
-    num_chunks: int
-    seconds: float  # running the chunks, compilation excluded
-    compile_seconds: float
-    bytes_per_example: int | None
-
-
-def _to_host(tree: PyTree) -> PyTree:
-    def cast(x):
-        x = np.asarray(x)
-        return x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float64)
-
-    return jax.tree.map(cast, tree)
-
-
-# XLA:CPU compiles these programs ~3x faster with LLVM's optimizations off and runs them
-# at most ~1.4x slower (measured on the digits suite, where compilation dominates).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-class Evaluator:
-    """Runs programs over a test split in chunks, data-parallel over ``strategy``'s devices
-    (``mesh`` or ``none``; default: all devices).
-
-    ``variables_S`` (host arrays, leading seed axis) are placed once; each program is
-    compiled once at its chunk size. ``log`` receives one line per program (and per
-    chunk when there are several); ``None`` is silent. ``fast_compile`` (default: on
-    CPU) compiles with ``FAST_COMPILE``.
-    """
-
-    def __init__(self, variables_S: PyTree, split: Mapping[str, np.ndarray] | None = None, *,
-                 strategy: Any = None, chunk_size: int = 0, memory_budget_bytes: int = 0,
-                 log: Callable[[str], None] | None = None, fast_compile: bool | None = None):
-        from jaxtrain.parallel import create_strategy
-
-        self.strategy = strategy if strategy is not None else create_strategy("auto")
-        if self.strategy.kind == "pmap":
-            raise RobustnessError("the robustness suite runs with --parallel auto, none or mesh "
-                                  "(it shards each chunk over a mesh), not pmap")
-        self.variables_S = variables_S
-        self.split = {k: np.asarray(v) for k, v in (split or {}).items()}
-        self.num_examples = len(self.split["label"]) if self.split else 0
-        self.ways = max(self.strategy.shards, jax.process_count())
-        self.chunk_size = chunk_size
-        if chunk_size and chunk_size % self.ways:
-            raise RobustnessError(f"chunk size {chunk_size} must be a multiple of the "
-                                  f"{self.ways} device(s)")
-        self.budget = memory_budget_bytes or default_memory_budget(self.strategy.devices)
-        self.log = log
-        if fast_compile is None:
-            fast_compile = self.strategy.devices[0].platform == "cpu"
-        self.compiler_options = dict(FAST_COMPILE) if fast_compile else None
-        self._placed = self.strategy.replicate(variables_S)
-        self._compiled: dict[Any, Any] = {}
-
-    def _batch(self, arrays: Mapping[str, np.ndarray], start: int, size: int) -> dict[str, np.ndarray]:
-        n = len(next(iter(arrays.values())))
-        idx = np.arange(start, min(start + size, n))
-        mask = np.zeros(size, np.float32)
-        mask[: len(idx)] = 1.0
-        idx = np.concatenate([idx, np.zeros(size - len(idx), idx.dtype)])
-        batch = {k: v[idx] for k, v in arrays.items()}
-        batch.update(mask=mask, index=idx.astype(np.int32))
-        pid, nproc = jax.process_index(), jax.process_count()
-        return {k: np.array_split(v, nproc)[pid] for k, v in batch.items()}
-
-    def run(self, name: str, program: Callable[..., PyTree],
-            arrays: Mapping[str, np.ndarray] | None = None) -> ProgramRun:
-        """Sums of ``program`` over every example of ``arrays`` (default: the split).
-
-        Without a fixed ``chunk_size`` the program is traced at the whole test set first;
-        when its memory bound (``program_bytes``) exceeds the budget it is traced again at
-        the chunk size ``auto_chunk_size`` picks. Compiled once."""
-        arrays = self.split if arrays is None else arrays
-        n = len(next(iter(arrays.values())))
-        t0 = time.perf_counter()
-        shapes = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(arrays.items()))
-        cached = self._compiled.get((id(program), n, shapes))
-        if cached is not None:  # the same program on same-shaped data (e.g. CIFAR-10-C)
-            compiled, chunk, per_example, _ = cached
-            first = self.strategy.shard(self._batch(arrays, 0, chunk))
-        else:
-            jitted = self.strategy.compile(program)
-            chunk = self.chunk_size or -(-n // self.ways) * self.ways
-            first = self.strategy.shard(self._batch(arrays, 0, chunk))
-            traced = jitted.trace(self._placed, first)
-            per_example = None
-            if not self.chunk_size:
-                per_example = max(1, math.ceil(program_bytes(traced.jaxpr) / chunk))
-                fit = auto_chunk_size(per_example, self.budget, n, self.ways)
-                if fit < chunk:
-                    chunk = fit
-                    first = self.strategy.shard(self._batch(arrays, 0, chunk))
-                    traced = jitted.trace(self._placed, first)
-            compiled = traced.lower().compile(self.compiler_options)
-            # keeps ``program`` alive, so its id is not reused by another one
-            self._compiled[(id(program), n, shapes)] = (compiled, chunk, per_example, program)
-        t1 = time.perf_counter()
-        chunks = -(-n // chunk)
-        sums = None
-        for i, start in enumerate(range(0, n, chunk)):
-            batch = first if i == 0 else self.strategy.shard(self._batch(arrays, start, chunk))
-            out = _to_host(self.strategy.unreplicate(compiled(self._placed, batch)))  # blocks
-            sums = out if sums is None else jax.tree.map(np.add, sums, out)
-            if self.log is not None and chunks > 1:
-                self.log(f"  {name}: chunk {i + 1}/{chunks} ({time.perf_counter() - t1:.1f} s)")
-        seconds = time.perf_counter() - t1
-        if self.log is not None:
-            self.log(f"robustness: {name} done: compile {t1 - t0:.1f} s, run {seconds:.1f} s "
-                     f"({n} examples, {chunks} chunk(s) of {chunk})")
-        return ProgramRun(name, sums, chunk, chunks, seconds, t1 - t0, per_example)
 
 
 # ----------------------------------------------------------------------------- the suite

@@ -19,12 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxtrain.robustness.suite import (
-    ApplyFn,
-    Evaluator,
-    RobustnessError,
-    image_sets_program,
-)
+from jaxtrain.robustness.evaluator import Evaluator, RobustnessError
+from jaxtrain.robustness.suite import ApplyFn, image_sets_program
 
 DATASET = "cifar10_corrupted"
 # The 19 corruptions of TFDS cifar10_corrupted (frosted_glass_blur is the paper's glass blur,
