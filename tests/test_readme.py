@@ -214,3 +214,18 @@ def test_shrink_appends_small_flags_to_experiment_commands_only():
         "srun --ntasks 2 python -m experiments.digits_mlp --epochs 1",
         "python -m jaxtrain.plot runs/a",
     ]
+
+
+def test_module_map_names_every_module():
+    """README's "Where things live" table names every module of ``jaxtrain``."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    table = text.split("### Where things live", 1)[1].split("\n###", 1)[0]
+    named = set(re.findall(r"`(\w+)/?`", table))
+    package = os.path.join(REPO, "jaxtrain")
+    modules = {name.removesuffix(".py") for name in os.listdir(package)
+               if name.endswith(".py") and name != "__init__.py"}
+    modules |= {name for name in os.listdir(package)
+                if os.path.isfile(os.path.join(package, name, "__init__.py"))}
+    assert modules - named == set()
+    assert "loop" in named and "robustness" in named
