@@ -31,7 +31,8 @@ def dry_run(
     seeded = len(seeds) > 1
     place = placement(strategy, len(seeds), config.seed_parallel)
     rows = data_lib.process_rows(config.batch_size, place.whole)
-    idx = np.stack([data_lib.batch_indices(s, 0, n_train, config.batch_size)[rows] for s in seeds])
+    local = [seeds[i] for i in place.seeds.local_seeds()] if seeded else seeds
+    idx = np.stack([data_lib.batch_indices(s, 0, n_train, config.batch_size)[rows] for s in local])
     idx = idx if seeded else idx[0]
     key = place.state(stack([step_key(s) for s in seeds]) if seeded else step_key(config.seed))
     state = place.state(host_state)

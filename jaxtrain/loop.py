@@ -278,13 +278,15 @@ def train_and_evaluate(
     chunks = call_plan(start_step, total_steps, steps_per_call,
                        call_boundaries(config, per_epoch, logs=not config.steps_per_call))
     state = place.state(host_state)
-    # seed-parallel devices hold whole models: each process feeds its seeds whole batches
+    # seed-parallel devices hold whole models: each process feeds its own seeds whole batches
     local_rows = data_lib.process_rows(config.batch_size, place.whole)
+    local_seeds = [seeds[i] for i in place.seeds.local_seeds()] if seeded else seeds
 
     def indices(step: int) -> np.ndarray:
         """This process's batch indices (its ``local_rows``): ``[B_local]``, or
-        ``[S, B_local]`` for seeds."""
-        per_seed = [data_lib.batch_indices(s, step, n_train, config.batch_size) for s in seeds]
+        ``[S_local, B_local]`` for its seeds (``SeedPlacement.put_batch``)."""
+        per_seed = [data_lib.batch_indices(s, step, n_train, config.batch_size)
+                    for s in local_seeds]
         return np.stack(per_seed)[:, local_rows] if seeded else per_seed[0][local_rows]
 
     train_data = place.shared(dataset.train) if resident else None

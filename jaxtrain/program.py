@@ -159,7 +159,7 @@ def _host(tree: Any) -> Any:
 def placement(strategy: Strategy, num_seeds: int = 1, seed_parallel: bool = False) -> Placement:
     """The ``Placement`` of a run of ``num_seeds`` models (stacked when more than one)."""
     if num_seeds > 1:
-        seeds = SeedPlacement(strategy, seed_parallel)
+        seeds = SeedPlacement(strategy, seed_parallel, num_seeds)
         return Placement(
             state=seeds.put_seeds, batch=seeds.put_batch, shared=seeds.put_shared,
             eval=seeds.put_shared if seeds.seed_parallel else strategy.shard, get=seeds.get,

@@ -120,11 +120,22 @@ def vmap_eval(eval_fn: Callable[..., Any], *, chunk: int = 0, groups: int = 1
 class SeedPlacement:
     """Places stacked trees and compiles seed-vmapped functions for ``strategy``."""
 
-    def __init__(self, strategy: Strategy, seed_parallel: bool):
+    def __init__(self, strategy: Strategy, seed_parallel: bool, num_seeds: int = 0):
         self.strategy = strategy
         self.seed_parallel = seed_parallel and strategy.kind == "mesh"
         # seed_parallel: the seed axis is split in one contiguous block per device
         self.groups = strategy.num_devices if self.seed_parallel else 1
+        self.num_seeds = num_seeds  # S: needed by put_batch when processes split the seeds
+
+    def local_seeds(self) -> np.ndarray:
+        """Positions (``0 .. S-1``) of the seeds whose rows this process gives ``put_batch``:
+        every seed, unless seed-parallel devices of several processes split them."""
+        if not self.seed_parallel or jax.process_count() == 1:
+            return np.arange(self.num_seeds)
+        if not self.num_seeds:
+            raise ValueError("SeedPlacement needs num_seeds when processes split the seeds")
+        blocks = self._sharding(P(AXIS)).addressable_devices_indices_map((self.num_seeds,))
+        return np.unique(np.concatenate([np.arange(self.num_seeds)[i[0]] for i in blocks.values()]))
 
     def _sharding(self, spec: P) -> NamedSharding:
         return NamedSharding(self.strategy.mesh, spec)
@@ -142,11 +153,25 @@ class SeedPlacement:
         return jax.tree.map(put, tree)
 
     def put_batch(self, tree: PyTree) -> PyTree:
-        """This process's columns ``[S, B / processes, ...]`` of per-seed batches -> devices."""
+        """Per-seed batches (or batch indices) -> devices: this process's columns
+        ``[S, B / processes, ...]``; with ``seed_parallel``, whole rows of this process's
+        seeds only (``[len(local_seeds()), B, ...]``: the others' stay unread)."""
         if self.strategy.kind == "none":
             return jax.device_put(tree, self.strategy.devices[0])
         if self.seed_parallel:
-            return jax.tree.map(lambda x: self.put_seeds(x), tree)
+            local = self.local_seeds()
+            if jax.process_count() == 1 or len(local) == self.num_seeds:
+                return self.put_seeds(tree)
+            at = np.zeros(self.num_seeds, np.int64)  # a global seed's row in the local block
+            at[local] = np.arange(len(local))
+            sharding = self._sharding(P(AXIS))
+
+            def put(x):
+                x = np.asarray(x)
+                return jax.make_array_from_callback(
+                    (self.num_seeds, *x.shape[1:]), sharding, lambda i: x[(at[i[0]], *i[1:])])
+
+            return jax.tree.map(put, tree)
         sharding = self._sharding(P(None, AXIS))
         return jax.tree.map(
             lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
