@@ -2,7 +2,8 @@
 
 Injections: one training example set to NaN (its batch recurs once per epoch), a
 huge learning rate, and a train step that silently corrupts the params while
-reporting finite metrics (the last line of defence: the save-time check).
+reporting finite metrics (the last line of defence: the save-time check). Then
+``nonfinite.TrainWindow`` on its own, with hand-made metrics.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jaxtrain.program as program_lib
 from experiments import digits_mlp
 from jaxtrain.checkpoint import Checkpointer, first_nonfinite, load_params
 from jaxtrain.loop import NonFiniteError, Preempted, train_and_evaluate
+from jaxtrain.nonfinite import TrainWindow
 from jaxtrain.writers import read_jsonl
 
 CACHE = os.path.join(tempfile.gettempdir(), "jaxtrain-tests-xla-cache")
@@ -208,3 +210,73 @@ def test_a_nonfinite_state_is_never_written(tmp_path, corrupting_step, policy):
                                              r"\(params/Dense_0/bias\)"):
         train_and_evaluate(config, str(tmp_path))
     assert _assert_checkpoints_finite(str(tmp_path)) == []
+
+
+# ----------------------------------------------------------------------------- TrainWindow, on its own
+
+
+def _step(loss: float, bad: bool = False) -> dict[str, np.ndarray]:
+    return {"loss": np.float32(np.nan if bad else loss), "accuracy": np.float32(0.5),
+            "grad_norm": np.float32(1.0), "lr": np.float32(0.1), "nonfinite": np.bool_(bad)}
+
+
+def _fused(*steps: dict, k: int = 4) -> dict[str, np.ndarray]:
+    """A fused call's metrics: ``[K]`` stacked, zeros after the steps that ran."""
+    pad = [{name: np.zeros_like(v) for name, v in steps[0].items()}] * (k - len(steps))
+    return {name: np.stack([s[name] for s in [*steps, *pad]]) for name in steps[0]}
+
+
+def _window(policy: str, max_skipped: int = 3, skipped: int = 0, seeded: bool = False):
+    return TrainWindow(policy, max_skipped, lambda tree: tree, seeded=seeded,
+                       skipped_in_a_row=skipped)
+
+
+def test_flush_means_the_finite_steps_of_every_call_and_names_the_first_bad_one():
+    window = _window("skip")
+    window.add(3, _fused(_step(1.0), _step(2.0, bad=True), _step(3.0)))  # steps 11-13
+    window.add(1, _step(5.0))  # step 14
+    assert window
+    mean, n, first_bad = window.flush(14, describe=None)
+    assert not window
+    assert (n, first_bad) == (4, 12)
+    assert mean["loss"] == pytest.approx(3.0) and mean["skipped"] == 1.0
+    assert window.skipped_in_a_row == 0  # finite steps came after the bad one
+
+
+def test_a_window_of_only_bad_steps_still_reports_their_metrics():
+    window = _window("skip", max_skipped=5)
+    window.add(2, _fused(_step(0, bad=True), _step(0, bad=True)))
+    mean, n, first_bad = window.flush(2, describe=None)
+    assert (n, first_bad, mean["skipped"]) == (2, 1, 2.0) and np.isnan(mean["loss"])
+    assert window.skipped_in_a_row == 2
+
+
+def test_raise_names_the_step_through_describe():
+    window = _window("raise")
+    window.add(1, _step(1.0))
+    window.add(1, _step(1.0, bad=True))
+    with pytest.raises(NonFiniteError, match="^bad at 8$"):
+        window.flush(8, describe=lambda bad, m: f"bad at {bad}")
+
+
+def test_consecutive_bad_steps_count_across_flushes_and_from_a_resume():
+    window = _window("rollback", max_skipped=3, skipped=1)  # one counted before a resume
+    window.add(1, _step(1.0, bad=True))
+    window.flush(5, describe=None)
+    assert window.skipped_in_a_row == 2
+    window.add(1, _step(1.0, bad=True))
+    with pytest.raises(NonFiniteError, match=r"3 consecutive non-finite steps up to step 6 "
+                                             r"\(--on-nonfinite rollback\)"):
+        window.flush(6, describe=None)
+
+
+def test_seed_runs_keep_per_seed_means_and_count_every_bad_seed():
+    window = _window("skip", seeded=True)
+    good = {"loss": np.array([1.0, 2.0]), "accuracy": np.array([0.5, 0.6]),
+            "grad_norm": np.ones(2), "lr": np.ones(2), "nonfinite": np.array([False, False])}
+    bad = {**good, "loss": np.array([np.nan, 4.0]), "nonfinite": np.array([True, False])}
+    window.add(1, good)
+    window.add(1, bad)
+    mean, n, first_bad = window.flush(2, describe=None)
+    assert (n, first_bad, mean["skipped"]) == (2, 2, 1.0)
+    np.testing.assert_allclose(mean["loss"], [1.0, 2.0])  # the bad step is left out for all
