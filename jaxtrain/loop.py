@@ -9,6 +9,7 @@ cadence), ``resume``, ``preemption`` and ``dry_run``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -240,132 +241,144 @@ def train_and_evaluate(
     best_mode = config.best_mode
     if best_mode == "auto":
         best_mode = "min" if config.best_metric.endswith("loss") else "max"
-    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
-                        best_mode=best_mode)
+    # every resource below is released when the run ends, however it ends
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(profiler.close)  # stops a trace left running
+        ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
+                            best_mode=best_mode)
+        cleanup.callback(ckpt.close)
 
-    # --- files -----------------------------------------------------------------------
-    writers: list[MetricWriter] = []
-    if is_main:
-        manifest = build_manifest(config, strategy, dataset)
-        manifest["data"]["resident"] = resident
-        manifest["steps_per_call"] = steps_per_call
-        manifest["cpu_devices"] = local_cpu_device_count()
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(manifest, f, indent=2)
-        writers.extend(create_writers(
-            config, workdir, resume_step=start_step if resumed is not None else None))
-    if writer is not None:
-        writers.append(writer)
-    out = MultiWriter(writers)
+        # --- files -----------------------------------------------------------------------
+        writers: list[MetricWriter] = []
+        if is_main:
+            manifest = build_manifest(config, strategy, dataset)
+            manifest["data"]["resident"] = resident
+            manifest["steps_per_call"] = steps_per_call
+            manifest["cpu_devices"] = local_cpu_device_count()
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                json.dump(manifest, f, indent=2)
+            writers.extend(create_writers(
+                config, workdir, resume_step=start_step if resumed is not None else None))
+        if writer is not None:
+            writers.append(writer)
+        out = MultiWriter(writers)
+        cleanup.callback(out.close)
 
-    # --- compiled steps --------------------------------------------------------------
-    update_fn = make_update(config, resident=resident)
-    place = placement(strategy, len(seeds), config.seed_parallel)
-    key = place.state(base_key)
-    put_batch = place.batch
-    seed_chunk = None
-    if not seeded:
-        update = strategy.compile(update_fn, donate_argnums=(0,))
-        evaluate_fn = strategy.compile(eval_step)
-    fused = None  # --steps-per-call: every call runs up to K steps in one compiled loop
-    if steps_per_call > 1:
-        fused = strategy.compile(fuse_steps(update_fn, steps_per_call, resident=resident),
-                                 donate_argnums=(0,))
-        if strategy.kind == "mesh":  # [K, B] indices, sharded on B
-            put_batch = strategy.shard_steps
-    # an explicit K crosses log steps (the log line comes at the call's end); auto's
-    # calls end on them too, so its files are those of single steps
-    chunks = call_plan(start_step, total_steps, steps_per_call,
-                       call_boundaries(config, per_epoch, logs=not config.steps_per_call))
-    state = place.state(host_state)
-    # seed-parallel devices hold whole models: each process feeds its own seeds whole batches
-    local_rows = data_lib.process_rows(config.batch_size, place.whole)
-    local_seeds = [seeds[i] for i in place.seeds.local_seeds()] if seeded else seeds
-
-    def indices(step: int) -> np.ndarray:
-        """This process's batch indices (its ``local_rows``): ``[B_local]``, or
-        ``[S_local, B_local]`` for its seeds (``SeedPlacement.put_batch``)."""
-        per_seed = [data_lib.batch_indices(s, step, n_train, config.batch_size)
-                    for s in local_seeds]
-        return np.stack(per_seed)[:, local_rows] if seeded else per_seed[0][local_rows]
-
-    train_data = place.shared(dataset.train) if resident else None
-    if seeded:  # compiled ahead of time: the memory it needs picks the seed chunk
-        idx0 = put_batch(indices(start_step))
-        sample = ((state, train_data, idx0, key) if resident else
-                  (state, put_batch({k: v[indices(start_step)] for k, v in dataset.train.items()}),
-                   key))
-        update, seed_chunk = compile_seeded(
-            place.seeds, update_fn, sample, num_seeds=len(seeds), seed_chunk=config.seed_chunk,
-            resident=resident, log=print if is_main else None)
-        evaluate_fn = place.seeds.compile(vmap_eval(eval_step, chunk=seed_chunk),
-                                          shared_argnums=(1,))
-
-    def stacked(fn, first: int, n: int):
-        """One step's input (``K == 1``), or ``K`` steps' stacked on a leading ``[K]`` axis:
-        the call's ``n``, then the last one's again as padding (``fuse_steps`` runs ``n``)."""
-        if steps_per_call == 1:
-            return fn(first)
-        steps = [fn(first + min(i, n - 1)) for i in range(steps_per_call)]
-        return jax.tree.map(lambda *xs: np.stack(xs), *steps)
-
-    # inputs yield (n, x): x feeds n steps (one compiled call)
-    if resident:
-        inputs = prefetch(((n, put_batch(stacked(indices, s, n))) for s, n in chunks),
-                          lambda x: x)
-    else:
-        def host_batch(step):
-            return {k: v[indices(step)] for k, v in dataset.train.items()}
-
-        inputs = prefetch(((n, stacked(host_batch, s, n)) for s, n in chunks),
-                          lambda x: (x[0], put_batch(x[1])))
-
-    def call(st, x):
-        """One compiled call of ``x[0]`` steps on ``x[1]`` (indices, or the host batch)."""
-        data = (train_data, x[1]) if resident else (x[1],)
-        return update(st, *data, key) if fused is None else fused(st, *data, np.int32(x[0]), key)
-
-    run_eval = functools.partial(evaluate, place.eval, place.get, evaluate_fn, whole=place.whole)
-    # the validation batches, placed once, when the training data sits on the devices too
-    val_placed = (list(eval_inputs(place.eval, dataset.val, eval_batch, place.whole))
-                  if resident else None)
-
-    # --- loop ------------------------------------------------------------------------
-    progress = Progress(config.progress, total_steps, start_step, is_main)
-    eval_every = config.eval_every or per_epoch
-    window = TrainWindow(config.on_nonfinite, config.max_skipped, place.get, seeded=seeded,
-                         skipped_in_a_row=int(resumed_meta.get("skipped_in_a_row", 0)))
-    initial = {**state_tree(host_state), "rng": base_key}  # rollback target before any checkpoint
-    saves = Saves(
-        ckpt, config, best_mode=best_mode, per_epoch=per_epoch,
-        snapshot=jax.jit(snapshot) if seeded else strategy.compile(snapshot), get=place.get,
-        key=key, initial=initial, start_step=start_step, window=window,
-        restore=lambda tree: place.state(
-            host_state.replace(**{k: v for k, v in tree.items() if k != "rng"})))
-    steady_time, steady_steps, t_first = 0.0, 0, None
-
-    def write(step: int, split: str, metrics: dict[str, Any]) -> None:
-        """One line per split, or per seed (with a ``seed`` field) for seed runs."""
+        # --- compiled steps --------------------------------------------------------------
+        update_fn = make_update(config, resident=resident)
+        place = placement(strategy, len(seeds), config.seed_parallel)
+        key = place.state(base_key)
+        put_batch = place.batch
+        seed_chunk = None
         if not seeded:
-            out.write(step, split, {k: float(v) for k, v in metrics.items()})
-            return
-        for i, s in enumerate(seeds):
-            out.write(step, split, {"seed": s, **{k: float(np.broadcast_to(v, (len(seeds),))[i])
-                                                  for k, v in metrics.items()}})
+            update = strategy.compile(update_fn, donate_argnums=(0,))
+            evaluate_fn = strategy.compile(eval_step)
+        fused = None  # --steps-per-call: every call runs up to K steps in one compiled loop
+        if steps_per_call > 1:
+            fused = strategy.compile(fuse_steps(update_fn, steps_per_call, resident=resident),
+                                     donate_argnums=(0,))
+            if strategy.kind == "mesh":  # [K, B] indices, sharded on B
+                put_batch = strategy.shard_steps
+        # an explicit K crosses log steps (the log line comes at the call's end); auto's
+        # calls end on them too, so its files are those of single steps
+        chunks = call_plan(start_step, total_steps, steps_per_call,
+                           call_boundaries(config, per_epoch, logs=not config.steps_per_call))
+        state = place.state(host_state)
+        # seed-parallel devices hold whole models: each process feeds its own seeds whole batches
+        local_rows = data_lib.process_rows(config.batch_size, place.whole)
+        local_seeds = [seeds[i] for i in place.seeds.local_seeds()] if seeded else seeds
 
-    def flush(step: int, state) -> Any:
-        """Writes the window's train metrics and applies ``--on-nonfinite`` (the one host
-        sync); returns the state to go on with (a rollback's, after a non-finite step)."""
-        mean, n, bad = window.flush(step, lambda bad, m: nonfinite_message(
-            place.get(state), dataset.train, seeds, config.batch_size, bad, m))
-        write(step, "train", mean)
-        progress.update(step, n, "train", {k: float(np.mean(mean[k])) for k in ("loss", "accuracy")})
-        if bad is not None and config.on_nonfinite == "rollback":
-            return saves.rollback(bad, step)
-        return state
+        def indices(step: int) -> np.ndarray:
+            """This process's batch indices (its ``local_rows``): ``[B_local]``, or
+            ``[S_local, B_local]`` for its seeds (``SeedPlacement.put_batch``)."""
+            per_seed = [data_lib.batch_indices(s, step, n_train, config.batch_size)
+                        for s in local_seeds]
+            return np.stack(per_seed)[:, local_rows] if seeded else per_seed[0][local_rows]
 
-    guard = PreemptionGuard(jax.process_count()).install()
-    try:
+        train_data = place.shared(dataset.train) if resident else None
+        if seeded:  # compiled ahead of time: the memory it needs picks the seed chunk
+            first = indices(start_step)
+            data0 = ((train_data, put_batch(first)) if resident else
+                     (put_batch({k: v[first] for k, v in dataset.train.items()}),))
+            sample = (state, *data0, key)
+            update, seed_chunk = compile_seeded(
+                place.seeds, update_fn, sample, num_seeds=len(seeds), seed_chunk=config.seed_chunk,
+                resident=resident, log=print if is_main else None)
+            evaluate_fn = place.seeds.compile(vmap_eval(eval_step, chunk=seed_chunk),
+                                              shared_argnums=(1,))
+
+        def stacked(fn, first: int, n: int):
+            """One step's input (``K == 1``), or ``K`` steps' stacked on a leading ``[K]`` axis:
+            the call's ``n``, then the last one's again as padding (``fuse_steps`` runs ``n``)."""
+            if steps_per_call == 1:
+                return fn(first)
+            steps = [fn(first + min(i, n - 1)) for i in range(steps_per_call)]
+            return jax.tree.map(lambda *xs: np.stack(xs), *steps)
+
+        # inputs yield (n, x): x feeds n steps (one compiled call)
+        if resident:
+            inputs = prefetch(((n, put_batch(stacked(indices, s, n))) for s, n in chunks),
+                              lambda x: x)
+        else:
+            def host_batch(step):
+                return {k: v[indices(step)] for k, v in dataset.train.items()}
+
+            inputs = prefetch(((n, stacked(host_batch, s, n)) for s, n in chunks),
+                              lambda x: (x[0], put_batch(x[1])))
+        cleanup.callback(inputs.close)  # stops the prefetch thread even when the run fails
+
+        def call(st, x):
+            """One compiled call of ``x[0]`` steps on ``x[1]`` (indices, or the host batch)."""
+            data = (train_data, x[1]) if resident else (x[1],)
+            if fused is None:
+                return update(st, *data, key)
+            return fused(st, *data, np.int32(x[0]), key)
+
+        run_eval = functools.partial(evaluate, place.eval, place.get, evaluate_fn,
+                                     whole=place.whole)
+        # the validation batches, placed once, when the training data sits on the devices too
+        val_placed = (list(eval_inputs(place.eval, dataset.val, eval_batch, place.whole))
+                      if resident else None)
+
+        # --- loop ------------------------------------------------------------------------
+        progress = Progress(config.progress, total_steps, start_step, is_main)
+        cleanup.callback(progress.close)
+        eval_every = config.eval_every or per_epoch
+        window = TrainWindow(config.on_nonfinite, config.max_skipped, place.get, seeded=seeded,
+                             skipped_in_a_row=int(resumed_meta.get("skipped_in_a_row", 0)))
+        initial = {**state_tree(host_state), "rng": base_key}  # rollback before any checkpoint
+        saves = Saves(
+            ckpt, config, best_mode=best_mode, per_epoch=per_epoch,
+            snapshot=jax.jit(snapshot) if seeded else strategy.compile(snapshot), get=place.get,
+            key=key, initial=initial, start_step=start_step, window=window,
+            restore=lambda tree: place.state(
+                host_state.replace(**{k: v for k, v in tree.items() if k != "rng"})))
+        cleanup.callback(saves.finish)  # a run that stops early still leaves its held best
+        steady_time, steady_steps, t_first = 0.0, 0, None
+
+        def write(step: int, split: str, metrics: dict[str, Any]) -> None:
+            """One line per split, or per seed (with a ``seed`` field) for seed runs."""
+            if not seeded:
+                out.write(step, split, {k: float(v) for k, v in metrics.items()})
+                return
+            for i, s in enumerate(seeds):
+                out.write(step, split, {"seed": s, **{k: float(np.broadcast_to(v, (len(seeds),))[i])
+                                                      for k, v in metrics.items()}})
+
+        def flush(step: int, state) -> Any:
+            """Writes the window's train metrics and applies ``--on-nonfinite`` (the one host
+            sync); returns the state to go on with (a rollback's, after a non-finite step)."""
+            mean, n, bad = window.flush(step, lambda bad, m: nonfinite_message(
+                place.get(state), dataset.train, seeds, config.batch_size, bad, m))
+            write(step, "train", mean)
+            progress.update(step, n, "train",
+                            {k: float(np.mean(mean[k])) for k in ("loss", "accuracy")})
+            if bad is not None and config.on_nonfinite == "rollback":
+                return saves.rollback(bad, step)
+            return state
+
+        guard = PreemptionGuard(jax.process_count()).install()
+        cleanup.callback(guard.restore)
         step = start_step
         val, val_step = None, None
         t_mark, since_mark = time.perf_counter(), 0
@@ -413,13 +426,6 @@ def train_and_evaluate(
         val = run_eval(state, dataset.val, eval_batch, placed=val_placed)
         write(step, "test", test)
         saves.wait()
-    finally:
-        inputs.close()  # stops the prefetch thread even when the run failed
-        guard.restore()
-        profiler.close()
-        progress.close()
-        saves.close()  # a run that stops early still leaves its held best on disk
-        out.close()
 
     summary = {
         **_final_figures(test, val, seeds),

@@ -151,10 +151,10 @@ class Saves:
     def wait(self) -> None:
         self.ckpt.wait()
 
-    def close(self) -> None:
-        """Writes the held best, if any (a run that stops early still leaves it on disk),
-        and closes the checkpointer. Never raises for the held write: a run that failed
-        has its own error to report."""
+    def finish(self) -> None:
+        """Starts writing the held best, if any, as the run ends, however it ends (the
+        caller closes the checkpointer, which waits for it). Never raises: a run that
+        failed has its own error to report."""
         if self._held:
             held_step = self._held[0][0]
             try:
@@ -162,4 +162,3 @@ class Saves:
             except Exception as e:  # noqa: BLE001
                 print(f"warning: the best checkpoint of step {held_step} was not written: {e}",
                       file=sys.stderr, flush=True)
-        self.ckpt.close()

@@ -237,3 +237,47 @@ def test_evaluate_on_batches_placed_once_equals_placing_each_time():
                            placed=placed) for _ in range(2)]
     fresh = evaluation.evaluate(strategy.shard, strategy.unreplicate, eval_fn, state, dataset.val, 64)
     assert again[0] == again[1] == fresh and 0 < fresh["loss"] < np.inf
+
+
+@pytest.mark.parametrize("where", ["validation placement", "first step"])
+def test_a_run_that_fails_before_or_in_its_loop_releases_what_it_opened(tmp_path, monkeypatch,
+                                                                       where):
+    """The checkpointer, the metric writers, the prefetch thread and the signal handlers
+    are released however a run ends: here it fails after all of them exist, while the
+    validation batches are placed (before the loop) or in its first compiled call."""
+    import signal
+    import threading
+
+    from jaxtrain import loop
+    from jaxtrain.checkpoint import Checkpointer
+
+    closed: list[str] = []
+    close = Checkpointer.close
+    monkeypatch.setattr(Checkpointer, "close", lambda self: (closed.append("ckpt"), close(self)))
+
+    class Writer:
+        def write(self, step, split, metrics):
+            pass
+
+        def close(self):
+            closed.append("writer")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    if where == "first step":
+        monkeypatch.setattr(loop.StepProfiler, "run", fail)
+    else:
+        monkeypatch.setattr(loop, "eval_inputs", fail)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    config = digits_mlp.DEFAULTS.replace(epochs=1, progress="none", parallel="none",
+                                         data_placement="device", **QUIET)
+    with pytest.raises(RuntimeError, match="injected"):
+        train_and_evaluate(config, str(tmp_path), writer=Writer())
+    assert sorted(closed) == ["ckpt", "writer"]
+    for _ in range(100):  # the prefetch thread stops within its 50 ms poll
+        if not any(t.name == "jaxtrain-prefetch" for t in threading.enumerate()):
+            break
+        threading.Event().wait(0.05)
+    assert not any(t.name == "jaxtrain-prefetch" for t in threading.enumerate())
+    assert {s: signal.getsignal(s) for s in handlers} == handlers

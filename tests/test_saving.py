@@ -26,7 +26,7 @@ class _Checkpointer:
     def __init__(self, restored=None):
         self.saved: list[tuple[int, dict, dict]] = []
         self.last_step = None
-        self.restored, self.closed = restored, False
+        self.restored = restored
 
     def save(self, step, get_tree, meta, *, metrics=None):
         self.saved.append((step, get_tree(), metrics))
@@ -37,9 +37,6 @@ class _Checkpointer:
 
     def wait(self):
         pass
-
-    def close(self):
-        self.closed = True
 
 
 def _state(value: float, step: int = 0):
@@ -84,8 +81,8 @@ def test_a_best_found_soon_after_the_last_is_held_then_written_before_any_later_
     assert saves.save(30, _state(3.0))
     assert [s for s, _, _ in ckpt.saved] == [20, 30]  # the held best first: steps rise
     saves.checkpoint(40, _state(4.0), {"accuracy": 0.9}, best=True)
-    saves.close()  # a run that stops still leaves its held best
-    assert [s for s, _, _ in ckpt.saved] == [20, 30, 40] and ckpt.closed
+    saves.finish()  # a run that stops still leaves its held best
+    assert [s for s, _, _ in ckpt.saved] == [20, 30, 40]
 
 
 def test_improves_best_follows_the_mode():
