@@ -116,7 +116,7 @@ def machine_info(note: str = "") -> dict[str, Any]:
     """Where the figures come from: JAX devices, CPU, load, GPUs, library versions."""
     import jax
 
-    from jaxtrain.parallel import usable_cores
+    from jaxtrain.cpu_devices import usable_cores
 
     devices = jax.devices()
     cores = usable_cores()

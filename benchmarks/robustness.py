@@ -33,7 +33,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def _machine() -> dict:
     import jax
 
-    from jaxtrain.parallel import usable_cores
+    from jaxtrain.cpu_devices import usable_cores
 
     d = jax.devices()[0]
     cores = usable_cores()

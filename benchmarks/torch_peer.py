@@ -788,7 +788,7 @@ def _auto_cpu_devices_variant(base: dict[str, Any]) -> tuple[dict[str, Any], str
     from experiments.mnist_cnn import DEFAULTS  # imports jax, starts nothing
     from jaxtrain import data as data_lib
     from jaxtrain import fusing
-    from jaxtrain.parallel import auto_cpu_devices, usable_cores
+    from jaxtrain.cpu_devices import auto_cpu_devices, usable_cores
 
     hw = throughput.SHAPES[base.get("data", "mnist")][:2]
     n = auto_cpu_devices(base["model"], base["batch_size"], hw, usable_cores())

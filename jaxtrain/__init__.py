@@ -7,10 +7,11 @@ robustness suite. Heavy optional packages (TFDS, matplotlib) load lazily.
 
 from jaxtrain.compile_options import compiler_options
 from jaxtrain.config import ConfigError, TrainConfig
+from jaxtrain.cpu_devices import use_cpu_devices
 from jaxtrain.data import DataError, Dataset, load_dataset
 from jaxtrain.models import MODELS, create_model
 from jaxtrain.optim import create_optimizer, create_schedule
-from jaxtrain.parallel import ParallelError, Strategy, create_strategy, use_cpu_devices
+from jaxtrain.parallel import ParallelError, Strategy, create_strategy
 from jaxtrain.seeds import map_seeds
 from jaxtrain.state import TrainState, create_train_state
 from jaxtrain.steps import cross_entropy, eval_step, train_step

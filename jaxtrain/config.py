@@ -85,7 +85,7 @@ class TrainConfig:
     # devices and hosts
     parallel: Literal["auto", "none", "pmap", "mesh"] = "auto"
     devices: int = 0
-    # make this host's CPU this many XLA devices; 0 = auto (loop.resolve_cpu_devices:
+    # make this host's CPU this many XLA devices; 0 = auto (cpu_devices.resolve_cpu_devices:
     # one per core for the CNN at batches that keep each core busy, or for an MLP or CNN
     # seed run with enough work per core (seed-parallel), else JAX's one)
     cpu_devices: int = 0

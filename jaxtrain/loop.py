@@ -27,6 +27,12 @@ from jaxtrain import data as data_lib
 from jaxtrain import distributed
 from jaxtrain.checkpoint import Checkpointer, snapshot, state_tree
 from jaxtrain.config import ConfigError, TrainConfig, check_paths
+from jaxtrain.cpu_devices import (
+    local_cpu_device_count,
+    resolve_cpu_devices,
+    seeds_on_auto_devices,
+    use_cpu_devices,
+)
 from jaxtrain.evaluation import eval_inputs, evaluate
 from jaxtrain.fusing import (
     auto_steps_per_call,
@@ -37,16 +43,7 @@ from jaxtrain.fusing import (
 )
 from jaxtrain.manifest import build_manifest
 from jaxtrain.nonfinite import NonFiniteError, TrainWindow, nonfinite_message
-from jaxtrain.parallel import (
-    Strategy,
-    auto_cpu_devices,
-    auto_seed_cpu_devices,
-    create_strategy,
-    local_cpu_device_count,
-    prefetch,
-    usable_cores,
-    use_cpu_devices,
-)
+from jaxtrain.parallel import create_strategy, prefetch
 from jaxtrain.preemption import Preempted, PreemptionGuard
 from jaxtrain.profiling import StepProfiler
 from jaxtrain.program import (
@@ -67,48 +64,6 @@ __all__ = ["NonFiniteError", "Preempted", "train_and_evaluate"]
 # Datasets up to this many bytes per split live on the devices (batches are
 # gathered inside the compiled step); larger ones stream from host memory.
 DEVICE_DATA_BYTES = 1 << 30
-
-
-def resolve_cpu_devices(config: TrainConfig, image_shape: tuple[int, ...],
-                        resident: bool = True) -> int:
-    """``config.cpu_devices``, or for 0 (auto) the CPU devices to make (0 = JAX's one).
-
-    Auto splits a single-process run with every device (``--parallel`` auto, mesh or
-    pmap) by ``parallel.auto_cpu_devices``'s rule; a seed run (auto or mesh: the seed
-    axis, ``seeds_on_auto_devices``) by ``parallel.auto_seed_cpu_devices``'s. Not
-    when the device count is already fixed (``JAX_NUM_CPU_DEVICES``,
-    ``--xla_force_host_platform_device_count`` or ``jax_num_cpu_devices`` set), or an
-    explicit ``--steps-per-call`` K > 1 could not run on several (host data:
-    ``fusing_needs``). Harmless on a GPU host: the CPU devices it makes go unused."""
-    if config.cpu_devices:
-        return config.cpu_devices
-    try:
-        group = distributed.detect(config.coordinator_address, config.num_processes,
-                                   config.process_id)
-    except distributed.DistributedError:  # distributed.initialize says why
-        return 0
-    if (group is not None or config.parallel == "none"
-            or config.devices or (config.steps_per_call > 1 and not resident)
-            or "JAX_NUM_CPU_DEVICES" in os.environ
-            or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
-            or jax.config.jax_num_cpu_devices != -1):
-        return 0
-    if config.num_seeds > 1:
-        if config.parallel == "pmap":  # seed runs refuse it (check_seed_strategy)
-            return 0
-        return auto_seed_cpu_devices(config.model, config.num_seeds, config.batch_size,
-                                     tuple(image_shape[:2]), usable_cores())
-    return auto_cpu_devices(config.model, config.batch_size, tuple(image_shape[:2]),
-                            usable_cores())
-
-
-def seeds_on_auto_devices(config: TrainConfig, cpu_devices: int, strategy: Strategy) -> bool:
-    """Whether a seed run's devices are the CPU devices ``--cpu-devices 0`` made for it,
-    which then hold one block of seeds each (``--seed-parallel``): splitting each seed's
-    batch over them instead ran the 16-seed digits MLP at 0.54x one device (2 cores)."""
-    return (config.num_seeds > 1 and not config.cpu_devices and cpu_devices > 1
-            and strategy.kind == "mesh" and strategy.num_devices == cpu_devices
-            and strategy.devices[0].platform == "cpu")
 
 
 def _final_figures(test: dict, val: dict, seeds: list[int]) -> dict[str, Any]:

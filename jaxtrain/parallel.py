@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import queue
 import threading
 import time
@@ -232,109 +231,6 @@ class Throttled:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fn, name)
-
-
-# ``--cpu-devices 0`` (auto) splits these models' steps over the cores ...
-AUTO_CPU_SPLIT_MODELS = frozenset({"cnn"})
-# ... while each device still gets this many input pixels per step (batch / n * H * W).
-# Measured on 2 cores (benchmarks.throughput, MNIST-shape CNN, 2 devices against one):
-# batch 128 (50k pixels per device) 1.17-1.46x; batch 64 (25k) 0.79-0.93x; batch 32
-# 0.73-0.81x; the 8x8 digits at batch 128 (4k) 0.51-0.60x. ResNet-18 at CIFAR shape,
-# batch 32, was 0.73x (likely because Eigen already spreads its large convolutions over
-# the cores), so it is not split.
-AUTO_CPU_MIN_PIXELS_PER_DEVICE = 2**15
-# Never more than this many (each holds its own copy of device-resident data; more than
-# 2 was never measured faster).
-AUTO_CPU_MAX_DEVICES = 8
-
-
-# ``--cpu-devices 0`` also splits a seed run (``--num-seeds`` > 1) of these models,
-# one block of seeds per device (``--seed-parallel``: no all-reduce), while each device
-# still gets this many input pixels per step (seeds / n * batch * H * W). Measured on
-# 2 cores, whole digits-MLP runs (batch 64, 8x8 images; steady steps/s, 2 devices
-# against one, alternated rounds, median): 16 seeds (8 per device, 32k pixels) 1.37x
-# (1.35-1.45, 5 rounds; an identical one-device control 1.07x, 0.90-1.21) and 1.25x;
-# 8 seeds (16k) 1.18x (1.07-1.23); 4 seeds (8k) 1.01x; 2 seeds 0.93x. Whole MNIST-shape
-# CNN runs (batch 128, 100k pixels per seed; 3 rounds): 4 seeds 1.21x (1.10-1.32), 2 seeds
-# 1.33x (1.24-1.43), where splitting each seed's batch instead ran 0.55x. The CNN's floor
-# is its single-seed split's (``AUTO_CPU_MIN_PIXELS_PER_DEVICE``): not measured lower.
-AUTO_CPU_SEED_SPLIT_MIN_PIXELS = {"mlp": 2**14, "cnn": AUTO_CPU_MIN_PIXELS_PER_DEVICE}
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. a container's or
-    ``taskset``'s share, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def auto_cpu_devices(model: str, batch_size: int, image_hw: tuple[int, int], cores: int) -> int:
-    """The CPU devices ``--cpu-devices 0`` (auto) makes, 0 for JAX's default (one).
-
-    For ``AUTO_CPU_SPLIT_MODELS``: the most devices, at most ``cores`` and
-    ``AUTO_CPU_MAX_DEVICES``, that divide ``batch_size`` and still give each device
-    ``AUTO_CPU_MIN_PIXELS_PER_DEVICE`` input pixels per step; 0 for other models or
-    when no count above 1 fits. Pure: the caller decides whether auto applies at all
-    (``loop.resolve_cpu_devices``).
-    """
-    if model not in AUTO_CPU_SPLIT_MODELS:
-        return 0
-    pixels = image_hw[0] * image_hw[1]
-    fits = [n for n in range(2, min(cores, AUTO_CPU_MAX_DEVICES) + 1)
-            if batch_size % n == 0 and batch_size // n * pixels >= AUTO_CPU_MIN_PIXELS_PER_DEVICE]
-    return max(fits, default=0)
-
-
-def auto_seed_cpu_devices(model: str, num_seeds: int, batch_size: int,
-                          image_hw: tuple[int, int], cores: int) -> int:
-    """The CPU devices ``--cpu-devices 0`` makes for a seed run, each computing
-    ``num_seeds / n`` of the models (``--seed-parallel``); 0 for JAX's default (one).
-
-    For ``AUTO_CPU_SEED_SPLIT_MIN_PIXELS``'s models: the most devices, at most ``cores``
-    and ``AUTO_CPU_MAX_DEVICES``, that divide ``num_seeds`` (and ``batch_size``, as the
-    loop asks of every run on several devices) and still give each device that many
-    input pixels per step; 0 otherwise. Pure, like ``auto_cpu_devices``."""
-    least = AUTO_CPU_SEED_SPLIT_MIN_PIXELS.get(model)
-    if least is None:
-        return 0
-    pixels = batch_size * image_hw[0] * image_hw[1]
-    fits = [n for n in range(2, min(cores, AUTO_CPU_MAX_DEVICES) + 1)
-            if num_seeds % n == 0 and batch_size % n == 0 and num_seeds // n * pixels >= least]
-    return max(fits, default=0)
-
-
-def local_cpu_device_count() -> int:
-    """This process's CPU devices, 0 where JAX runs without its CPU backend
-    (``JAX_PLATFORMS=cuda``)."""
-    try:
-        return len(jax.local_devices(backend="cpu"))
-    except RuntimeError:
-        return 0
-
-
-def use_cpu_devices(n: int, *, strict: bool = True) -> None:
-    """Makes this host's CPU ``n`` XLA devices (``jax_num_cpu_devices``); 0 does nothing.
-
-    XLA:CPU runs much of one device's program on one core, so on a CPU-only host a
-    data-parallel step over one device per core can use them all (``benchmarks/
-    results``: 1.2-1.5x for the MNIST CNN at batch 128 on 2 cores; tiny MLPs and
-    small batches get slower). Must run before JAX starts its backends; after, it
-    raises ``ParallelError`` unless the CPU already has ``n`` devices, or with
-    ``strict=False`` (auto's choice, not the user's) leaves the devices as they are.
-    """
-    if n <= 0:
-        return
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:  # the backends are up: fine only if they already agree
-        have = len(jax.devices("cpu"))
-        if have != n and strict:
-            raise ParallelError(
-                f"--cpu-devices {n} must be set before JAX starts (this process already has "
-                f"{have} CPU device(s)); start a new process or set JAX_NUM_CPU_DEVICES={n}"
-            ) from None
 
 
 def create_strategy(kind: str = "auto", num_devices: int = 0) -> Strategy:

@@ -207,10 +207,10 @@ def test_host_and_device_placement_train_identically(tmp_path, monkeypatch):
 
 
 def test_torch_peer_default_cnn_variant_is_what_auto_cpu_devices_picks(monkeypatch):
-    from jaxtrain import parallel
+    from jaxtrain import cpu_devices
 
     assert torch_peer.AUTO_VARIANT in torch_peer.CNN_VARIANTS
-    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    monkeypatch.setattr(cpu_devices, "usable_cores", lambda: 2)
     # mnist_cnn's default run: 5 epochs of 421 steps, K=29 (auto_steps_per_call)
     assert torch_peer._auto_cpu_devices_variant({"model": "cnn", "batch_size": 128}) == (
         {"parallel": "mesh", "devices": 2, "steps_per_call": 29},
