@@ -2,9 +2,10 @@
 
 Reads top to bottom: data, devices, model and state, checkpoint, compiled steps,
 the training loop, final evaluation and summary. Its parts live in their own
-modules: ``program`` (state, update, keys, placement), ``fusing`` (K steps per
-call), ``evaluation``, ``nonfinite`` (``--on-nonfinite``), ``saving`` (checkpoint
-cadence), ``resume``, ``preemption`` and ``dry_run``.
+modules: ``cpu_devices`` (``--cpu-devices``), ``program`` (state, update, keys,
+placement), ``fusing`` (K steps per call), ``evaluation``, ``nonfinite``
+(``--on-nonfinite``), ``saving`` (checkpoint cadence), ``resume``, ``preemption``
+and ``dry_run``.
 """
 
 from __future__ import annotations
