@@ -48,9 +48,9 @@ class Saves:
         self._snapshot, self._get, self._key = snapshot, get, key
         self._initial, self._restore, self._start_step = initial, restore, start_step
         self._window = window
-        self._held: list[tuple] = []  # at most one best checkpoint not written yet
+        self._held: tuple | None = None  # a best checkpoint not written yet (_take's tuple)
         self._last_best_write = time.monotonic()
-        self._best_seen: list[float] = []  # best --best-metric value so far in this process
+        self._best: float | None = None  # best --best-metric value so far in this process
 
     def _take(self, step: int, state: Any, val: dict[str, Any] | None) -> tuple | None:
         """A checkpoint of ``state`` at data position ``step``, ready to write: a device
@@ -71,14 +71,15 @@ class Saves:
 
     def _write_held(self) -> None:
         """Writes the held best checkpoint, if any (before any later one, so steps rise)."""
-        if self._held:
-            self._write(self._held.pop())
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._write(held)
             self._last_best_write = time.monotonic()
 
     def save(self, step: int, state: Any, val: dict[str, Any] | None = None) -> bool:
         """Writes a checkpoint at ``step`` (after the held best, if any); returns False,
         writing nothing new, when the state is not finite."""
-        if self._held and self._held[0][0] == step:  # the held best is this very state
+        if self._held is not None and self._held[0] == step:  # the held best is this state
             self._write_held()
             return True
         taken = self._take(step, state, val)
@@ -94,10 +95,10 @@ class Saves:
         if not self.ckpt.tracks_best:
             return False
         value = float(np.mean(val[self.config.best_metric.removeprefix("val_")]))
-        seen = self._best_seen
-        better = not seen or (value > seen[0] if self.best_mode == "max" else value < seen[0])
+        best = self._best
+        better = best is None or (value > best if self.best_mode == "max" else value < best)
         if better:
-            seen[:] = [value]
+            self._best = value
         return better
 
     def checkpoint(self, step: int, state: Any, val: dict[str, Any] | None = None, *,
@@ -110,7 +111,7 @@ class Saves:
                 and time.monotonic() - self._last_best_write < BEST_WRITE_INTERVAL_S):
             taken = self._take(step, state, val)
             if taken is not None:
-                self._held[:] = [taken]  # a newer best replaces the one held
+                self._held = taken  # a newer best replaces the one held
                 return state
         elif self.save(step, state, val):
             if best:
@@ -155,8 +156,8 @@ class Saves:
         """Starts writing the held best, if any, as the run ends, however it ends (the
         caller closes the checkpointer, which waits for it). Never raises: a run that
         failed has its own error to report."""
-        if self._held:
-            held_step = self._held[0][0]
+        if self._held is not None:
+            held_step = self._held[0]
             try:
                 self._write_held()
             except Exception as e:  # noqa: BLE001
