@@ -86,7 +86,7 @@ class TrainConfig:
     parallel: Literal["auto", "none", "pmap", "mesh"] = "auto"
     devices: int = 0
     # make this host's CPU this many XLA devices; 0 = auto (cpu_devices.resolve_cpu_devices:
-    # one per core for the CNN at batches that keep each core busy, or for an MLP or CNN
+    # one per core for the CNN at batches that keep each core busy, or for a
     # seed run with enough work per core (seed-parallel), else JAX's one)
     cpu_devices: int = 0
     coordinator_address: str | None = None
@@ -361,7 +361,7 @@ def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
 FLAG_HELP = {
     "num_seeds": "train this many models (seeds seed..seed+N-1) in one vmapped program",
     "seed_parallel": "shard the seed axis over devices instead of each seed's batch (what "
-                     "--cpu-devices auto's CPU devices for an MLP or CNN seed run always do)",
+                     "--cpu-devices auto's CPU devices for a seed run always do)",
     "seed_chunk": "seeds each device computes at a time; 0 = as many as fit in free memory",
     "steps_per_call": "training steps fused into one compiled call (a loop of up to K; "
                       "calls end early on eval and checkpoint steps); 1 = off, 0 = auto: "
@@ -372,9 +372,9 @@ FLAG_HELP = {
     "cpu_devices": "make this host's CPU N XLA devices before JAX starts, so the step runs "
                    "data-parallel over the cores (--parallel auto); 0 = auto: for the CNN, "
                    "the most devices (<= cores) that divide the batch and keep >= 32768 input "
-                   "pixels per device (MNIST at batch 128: 2); for an MLP or CNN seed run, "
-                   "the most that divide --num-seeds and the batch and keep enough per "
-                   "device (MLP 16384 pixels, CNN 32768), each holding its seeds (as "
+                   "pixels per device (MNIST at batch 128: 2); for a seed run, the most "
+                   "that divide --num-seeds and the batch and keep enough per device (MLP "
+                   "16384 pixels, CNN and ResNets 32768), each holding its seeds (as "
                    "--seed-parallel; 16 digits seeds: 2); else one; 1 = one device",
 }
 

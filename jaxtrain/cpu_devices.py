@@ -41,7 +41,14 @@ AUTO_CPU_MAX_DEVICES = 8
 # CNN runs (batch 128, 100k pixels per seed; 3 rounds): 4 seeds 1.21x (1.10-1.32), 2 seeds
 # 1.33x (1.24-1.43), where splitting each seed's batch instead ran 0.55x. The CNN's floor
 # is its single-seed split's (``AUTO_CPU_MIN_PIXELS_PER_DEVICE``): not measured lower.
-AUTO_CPU_SEED_SPLIT_MIN_PIXELS = {"mlp": 2**14, "cnn": AUTO_CPU_MIN_PIXELS_PER_DEVICE}
+# Whole CIFAR-shape ResNet runs, 2 seeds (a seed per device): resnet_tiny at batch 128
+# (131k pixels per device; 3 rounds) 1.79x (1.30-1.99), at batch 32 (32k) 1.53x
+# (1.08-1.56); ResNet-18 at batch 32 (32k; 2 rounds) 1.42x (1.39-1.45), where splitting
+# one ResNet-18's batch ran 0.73x: whole models per device need no all-reduce. Their
+# floor is the CNN's, the lowest measured.
+AUTO_CPU_SEED_SPLIT_MIN_PIXELS = {"mlp": 2**14, "cnn": AUTO_CPU_MIN_PIXELS_PER_DEVICE,
+                                  "resnet_tiny": AUTO_CPU_MIN_PIXELS_PER_DEVICE,
+                                  "resnet18": AUTO_CPU_MIN_PIXELS_PER_DEVICE}
 
 
 def usable_cores() -> int:

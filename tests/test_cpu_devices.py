@@ -49,10 +49,11 @@ def test_auto_cpu_devices_splits_the_cnn_while_each_device_gets_enough_pixels():
         assert auto_cpu_devices(model, 4096, (32, 32), cores=8) == 0
 
 
-def test_auto_seed_cpu_devices_splits_mlp_and_cnn_seeds_while_each_device_gets_enough_pixels():
+def test_auto_seed_cpu_devices_splits_seeds_while_each_device_gets_enough_pixels():
     from jaxtrain.cpu_devices import AUTO_CPU_SEED_SPLIT_MIN_PIXELS, auto_seed_cpu_devices
 
-    assert AUTO_CPU_SEED_SPLIT_MIN_PIXELS == {"mlp": 2**14, "cnn": 2**15}  # as below
+    assert AUTO_CPU_SEED_SPLIT_MIN_PIXELS == {  # as below
+        "mlp": 2**14, "cnn": 2**15, "resnet_tiny": 2**15, "resnet18": 2**15}
     digits = (8, 8)  # 64 pixels: a batch of 64 is 4096 per seed
     assert auto_seed_cpu_devices("mlp", 16, 64, digits, cores=2) == 2  # 8 seeds each: 32k
     assert auto_seed_cpu_devices("mlp", 16, 64, digits, cores=16) == 4  # 4 each: 16k
@@ -70,8 +71,12 @@ def test_auto_seed_cpu_devices_splits_mlp_and_cnn_seeds_while_each_device_gets_e
     assert auto_seed_cpu_devices("cnn", 4, 128, mnist, cores=8) == 4
     assert auto_seed_cpu_devices("cnn", 2, 32, mnist, cores=2) == 0  # 25k: below the floor
     assert auto_seed_cpu_devices("cnn", 3, 128, mnist, cores=2) == 0  # 2 does not divide 3
-    for model in ("resnet18", "resnet_tiny"):  # not measured: no split
-        assert auto_seed_cpu_devices(model, 64, 128, mnist, cores=8) == 0
+    cifar = (32, 32)  # a batch of 32 is 32k pixels per seed
+    for model in ("resnet18", "resnet_tiny"):
+        assert auto_seed_cpu_devices(model, 2, 32, cifar, cores=2) == 2  # measured: 1.4-1.5x
+        assert auto_seed_cpu_devices(model, 4, 128, cifar, cores=8) == 4
+        assert auto_seed_cpu_devices(model, 2, 16, cifar, cores=2) == 0  # 16k: below the floor
+    assert auto_seed_cpu_devices("resnet18", 16, 32, cifar, cores=1) == 0
 
 
 def test_resolve_cpu_devices_applies_auto_only_where_the_run_is_free_to_split(monkeypatch):
