@@ -130,10 +130,10 @@ class SeedPlacement:
     def local_seeds(self) -> np.ndarray:
         """Positions (``0 .. S-1``) of the seeds whose rows this process gives ``put_batch``:
         every seed, unless seed-parallel devices of several processes split them."""
+        if not self.num_seeds:
+            raise ValueError("SeedPlacement.local_seeds needs num_seeds")
         if not self.seed_parallel or jax.process_count() == 1:
             return np.arange(self.num_seeds)
-        if not self.num_seeds:
-            raise ValueError("SeedPlacement needs num_seeds when processes split the seeds")
         blocks = self._sharding(P(AXIS)).addressable_devices_indices_map((self.num_seeds,))
         return np.unique(np.concatenate([np.arange(self.num_seeds)[i[0]] for i in blocks.values()]))
 
@@ -159,9 +159,9 @@ class SeedPlacement:
         if self.strategy.kind == "none":
             return jax.device_put(tree, self.strategy.devices[0])
         if self.seed_parallel:
-            local = self.local_seeds()
-            if jax.process_count() == 1 or len(local) == self.num_seeds:
+            if jax.process_count() == 1:
                 return self.put_seeds(tree)
+            local = self.local_seeds()
             at = np.zeros(self.num_seeds, np.int64)  # a global seed's row in the local block
             at[local] = np.arange(len(local))
             sharding = self._sharding(P(AXIS))

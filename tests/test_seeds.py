@@ -253,3 +253,22 @@ def test_seed_parallel_steps_compute_each_devices_seeds_without_collectives():
                          placement.get(evaluate(*ev_args)))
     for a, b in zip(jax.tree.leaves(results["none"]), jax.tree.leaves(results["mesh"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_one_process_feeds_every_seed_and_put_batch_places_them_like_put_seeds():
+    """``local_seeds`` is every seed in one process (the 2-process split is tested in
+    ``test_distributed.py``); it needs the seed count, which ``put_batch`` does not."""
+    from jaxtrain.parallel import create_strategy
+    from jaxtrain.seeds import SeedPlacement
+
+    strategy = create_strategy("mesh", 4)
+    placement = SeedPlacement(strategy, seed_parallel=True, num_seeds=8)
+    np.testing.assert_array_equal(placement.local_seeds(), np.arange(8))
+    rows = np.arange(8 * 3).reshape(8, 3)
+    placed = placement.put_batch(rows)
+    assert placed.sharding == placement.put_seeds(rows).sharding
+    np.testing.assert_array_equal(np.asarray(placed), rows)
+    with pytest.raises(ValueError, match="needs num_seeds"):
+        SeedPlacement(strategy, seed_parallel=True).local_seeds()
+    np.testing.assert_array_equal(  # no seed_parallel: every process feeds every seed
+        SeedPlacement(strategy, seed_parallel=False, num_seeds=4).local_seeds(), np.arange(4))
