@@ -7,14 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import numpy as np
 
 from jaxtrain import data as data_lib
 from jaxtrain.config import TrainConfig
 from jaxtrain.parallel import Strategy
 from jaxtrain.profiling import compiled_stats, format_dry_run, model_flops, param_bytes, param_count
-from jaxtrain.program import make_update, placement, step_key
-from jaxtrain.seeds import compile_seeded, stack
+from jaxtrain.program import make_update, placement, step_key, step_keys
+from jaxtrain.seeds import compile_seeded
 from jaxtrain.state import TrainState
 
 
@@ -30,11 +29,8 @@ def dry_run(
     n_train = len(dataset.train["label"])
     seeded = len(seeds) > 1
     place = placement(strategy, len(seeds), config.seed_parallel)
-    rows = data_lib.process_rows(config.batch_size, place.whole)
-    local = [seeds[i] for i in place.seeds.local_seeds()] if seeded else seeds
-    idx = np.stack([data_lib.batch_indices(s, 0, n_train, config.batch_size)[rows] for s in local])
-    idx = idx if seeded else idx[0]
-    key = place.state(stack([step_key(s) for s in seeds]) if seeded else step_key(config.seed))
+    idx = place.indices(seeds, n_train, config.batch_size)(0)
+    key = place.state(step_keys(seeds))
     state = place.state(host_state)
     if resident:
         args = (state, place.shared(dataset.train), place.batch(idx), key)

@@ -52,11 +52,11 @@ from jaxtrain.program import (
     make_update,
     placement,
     setup_compilation_cache,
-    step_key,
+    step_keys,
 )
 from jaxtrain.resume import drop_records_after, resume_point
 from jaxtrain.saving import Saves
-from jaxtrain.seeds import check_seed_strategy, compile_seeded, seed_list, stack, vmap_eval
+from jaxtrain.seeds import check_seed_strategy, compile_seeded, seed_list, vmap_eval
 from jaxtrain.steps import eval_step
 from jaxtrain.writers import MetricWriter, MultiWriter, Progress, create_writers
 
@@ -182,7 +182,7 @@ def train_and_evaluate(
                             total_steps=total_steps)
     # Checkpoints are numbered by data position (batches consumed); that equals
     # state.step (optimizer steps, which key per-step randomness) until a rollback.
-    base_key = np.asarray(stack([step_key(s) for s in seeds]) if seeded else step_key(config.seed))
+    base_key = step_keys(seeds)
     resumed = resume_point(config, workdir, {**state_tree(host_state), "rng": base_key})
     # Every process has looked for checkpoints before any creates the folder below.
     distributed.sync("jaxtrain:resume-point")
@@ -241,15 +241,7 @@ def train_and_evaluate(
                            call_boundaries(config, per_epoch, logs=not config.steps_per_call))
         state = place.state(host_state)
         # seed-parallel devices hold whole models: each process feeds its own seeds whole batches
-        local_rows = data_lib.process_rows(config.batch_size, place.whole)
-        local_seeds = [seeds[i] for i in place.seeds.local_seeds()] if seeded else seeds
-
-        def indices(step: int) -> np.ndarray:
-            """This process's batch indices (its ``local_rows``): ``[B_local]``, or
-            ``[S_local, B_local]`` for its seeds (``SeedPlacement.put_batch``)."""
-            per_seed = [data_lib.batch_indices(s, step, n_train, config.batch_size)
-                        for s in local_seeds]
-            return np.stack(per_seed)[:, local_rows] if seeded else per_seed[0][local_rows]
+        indices = place.indices(seeds, n_train, config.batch_size)
 
         train_data = place.shared(dataset.train) if resident else None
         if seeded:  # compiled ahead of time: the memory it needs picks the seed chunk

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -20,7 +20,7 @@ from jaxtrain.fusing import gather_rows
 from jaxtrain.models import create_model
 from jaxtrain.optim import create_optimizer, create_schedule
 from jaxtrain.parallel import Strategy
-from jaxtrain.seeds import SeedPlacement, seed_list
+from jaxtrain.seeds import SeedPlacement, seed_list, stack
 from jaxtrain.state import TrainState, create_train_state
 from jaxtrain.steps import train_step
 
@@ -96,6 +96,12 @@ def step_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), 0x57E9)
 
 
+def step_keys(seeds: Sequence[int]) -> np.ndarray:
+    """A run's base key (host): ``step_key`` of its one seed, or stacked ``[S, 2]``."""
+    return np.asarray(stack([step_key(s) for s in seeds]) if len(seeds) > 1
+                      else step_key(seeds[0]))
+
+
 def make_update(
     config: TrainConfig, *, resident: bool
 ) -> Callable[..., tuple[TrainState, dict[str, jnp.ndarray]]]:
@@ -139,8 +145,7 @@ class Placement:
     keys), ``batch`` (this process's rows of a train batch, or indices ``[B]``/``[S, B]``),
     ``shared`` (what every device reads whole: the device-resident train split),
     ``eval`` (an eval batch), ``get`` (devices -> host numpy). ``seeds`` is set for a
-    seed run; ``whole``: each process feeds whole batches (``data.process_rows``), as
-    its devices hold whole seeds (``--seed-parallel``)."""
+    seed run."""
 
     state: Callable[[Any], Any]
     batch: Callable[[Any], Any]
@@ -148,7 +153,24 @@ class Placement:
     eval: Callable[[Any], Any]
     get: Callable[[Any], Any]
     seeds: SeedPlacement | None = None
-    whole: bool = False
+
+    @property
+    def whole(self) -> bool:
+        """Each process feeds whole batches (``data.process_rows``): its devices hold
+        whole models (``--seed-parallel``)."""
+        return self.seeds is not None and self.seeds.seed_parallel
+
+    def indices(self, seeds: Sequence[int], n_train: int, batch_size: int
+                ) -> Callable[[int], np.ndarray]:
+        """``indices(step)``: this process's batch indices of ``step`` (its rows,
+        ``data.process_rows``): ``[B_local]``, or ``[S_local, B_local]`` for the seeds it
+        feeds (``SeedPlacement.local_seeds``), as ``batch`` takes them."""
+        rows = data_lib.process_rows(batch_size, self.whole)
+        if self.seeds is None:
+            return lambda step: data_lib.batch_indices(seeds[0], step, n_train, batch_size)[rows]
+        local = [seeds[i] for i in self.seeds.local_seeds()]
+        return lambda step: np.stack(
+            [data_lib.batch_indices(s, step, n_train, batch_size) for s in local])[:, rows]
 
 
 def _host(tree: Any) -> Any:
@@ -163,7 +185,7 @@ def placement(strategy: Strategy, num_seeds: int = 1, seed_parallel: bool = Fals
         return Placement(
             state=seeds.put_seeds, batch=seeds.put_batch, shared=seeds.put_shared,
             eval=seeds.put_shared if seeds.seed_parallel else strategy.shard, get=seeds.get,
-            seeds=seeds, whole=seeds.seed_parallel)
+            seeds=seeds)
     batch = strategy.shard
     if strategy.kind == "none" and strategy.devices[0].platform == "cpu":
         # jit copies host arrays into its CPU buffers far cheaper than a device_put

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxtrain.data import process_rows
+
 PyTree = Any
 
 
@@ -164,8 +166,8 @@ class Evaluator:
         idx = np.concatenate([idx, np.zeros(size - len(idx), idx.dtype)])
         batch = {k: v[idx] for k, v in arrays.items()}
         batch.update(mask=mask, index=idx.astype(np.int32))
-        pid, nproc = jax.process_index(), jax.process_count()
-        return {k: np.array_split(v, nproc)[pid] for k, v in batch.items()}
+        rows = process_rows(size)  # this process's rows, as a training batch's
+        return {k: v[rows] for k, v in batch.items()}
 
     def run(self, name: str, program: Callable[..., PyTree],
             arrays: Mapping[str, np.ndarray] | None = None) -> ProgramRun:
