@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import os
 import shutil
 import threading
@@ -387,6 +388,13 @@ def set_aside(workdir: str, step: int) -> str | None:
 def _load_tree(workdir: str, step: int | None) -> PyTree:
     """The state tree of checkpoint ``step`` (newest intact one for None; warns about
     damaged newer ones) as host arrays in nested dicts."""
+    if (original := step) is not None:
+        try:  # an int or numpy integer; 20.0 or "20" would miss Orbax's step folders
+            step = None if isinstance(step, bool) else operator.index(step)
+        except TypeError:
+            step = None
+        if step is None:
+            raise TypeError(f"step must be an int or None, got {original!r}")
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
     ckpt = Checkpointer(workdir, read_only=True)

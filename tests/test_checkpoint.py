@@ -285,6 +285,10 @@ def test_load_params_latest_and_by_step(tmp_path):
     ckpt.close()
     assert _equal(load_params(str(tmp_path)), _tree(2)["params"])
     assert _equal(load_params(str(tmp_path), step=1), _tree(1)["params"])
+    assert _equal(load_params(str(tmp_path), step=np.int64(1)), _tree(1)["params"])
+    for not_a_step in (1.0, "1", True):  # not "damaged", not "no checkpoint at step 1"
+        with pytest.raises(TypeError, match="step must be an int or None"):
+            load_params(str(tmp_path), step=not_a_step)
     with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
         load_params(str(tmp_path), step=7)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
