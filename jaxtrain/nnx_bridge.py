@@ -34,13 +34,14 @@ Two ways in:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxtrain.state import takes_train
 
 PARAMS = "params"
 STATE = "nnx_state"
@@ -76,14 +77,6 @@ def _from_pure(template: Any, pure: Mapping[str, Any]) -> Any:
     return nnx.from_flat_state(flat)
 
 
-def _takes_train(module: nnx.Module) -> bool:
-    try:
-        params = inspect.signature(type(module).__call__).parameters
-    except (TypeError, ValueError):
-        return False
-    return "train" in params
-
-
 class NNXModel:
     """An NNX module (or a factory ``rngs -> module``) with Linen's ``init``/``apply``.
 
@@ -109,7 +102,7 @@ class NNXModel:
         self._rest_t = _abstract(rest)
         self._streams = sorted({v.tag for _, v in nnx.to_flat_state(rng)
                                 if isinstance(v, nnx.RngKey)})
-        self._train_kwarg = _takes_train(abstract)
+        self._train_kwarg = takes_train(type(abstract))
         self.axis_name = axis_name
 
     def clone(self, *, axis_name: str | None = None) -> NNXModel:

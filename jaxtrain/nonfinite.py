@@ -19,7 +19,7 @@ from jaxtrain import data as data_lib
 from jaxtrain.checkpoint import first_nonfinite
 from jaxtrain.fusing import unstack_steps
 from jaxtrain.program import step_key
-from jaxtrain.state import TrainState
+from jaxtrain.state import TrainState, train_kwargs
 from jaxtrain.steps import cross_entropy
 
 
@@ -39,8 +39,8 @@ def diagnose_nonfinite(state: TrainState, batch: dict[str, np.ndarray], rng: jax
 
     def loss_fn(params):
         logits, _ = state.model.apply(
-            {"params": params, **state.model_state}, batch["image"], train=True,
-            rngs={"dropout": rng}, mutable=list(state.model_state),
+            {"params": params, **state.model_state}, batch["image"],
+            **train_kwargs(state.model, True), rngs={"dropout": rng}, mutable=list(state.model_state),
         )
         return jnp.mean(cross_entropy(logits, batch["label"]))
 

@@ -7,6 +7,7 @@ fixed options with ``functools.partial``; compile where it is called.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxtrain.state import TrainState
+from jaxtrain.state import TrainState, train_kwargs
 
 Batch = dict[str, jnp.ndarray]
 Metrics = dict[str, jnp.ndarray]
@@ -33,9 +34,21 @@ def cross_entropy(
 
 
 def _model_for(state: TrainState, axis_name: str | None) -> Any:
-    """The model with BatchNorm reducing over ``axis_name`` (pmap), when it has any."""
-    if axis_name is not None and hasattr(state.model, "axis_name"):
+    """The model with BatchNorm reducing over ``axis_name`` (pmap), when it has any.
+
+    A model with batch statistics but no ``axis_name`` field to set computes them per
+    device under pmap: warned about (once per compile), since the result then depends
+    on the device count; a module that names its pmap axis itself is not told apart."""
+    if axis_name is None:
+        return state.model
+    if hasattr(state.model, "axis_name"):
         return state.model.clone(axis_name=axis_name)
+    if "batch_stats" in state.model_state:
+        warnings.warn(
+            f"{type(state.model).__name__} has BatchNorm statistics but no axis_name field: "
+            f"under pmap they are computed per device, not over the global batch. Give it "
+            f"an `axis_name: str | None = None` field passed to nn.BatchNorm(axis_name=...), "
+            f"or train on a mesh", stacklevel=3)
     return state.model
 
 
@@ -75,7 +88,7 @@ def train_step(
     def objective(params):
         variables = {"params": params, **state.model_state}
         logits, new_model_state = model.apply(
-            variables, batch["image"], train=True, rngs={"dropout": rng},
+            variables, batch["image"], **train_kwargs(model, True), rngs={"dropout": rng},
             mutable=list(state.model_state),
         )
         loss = jnp.mean(loss_fn(logits, batch["label"]))

@@ -275,3 +275,53 @@ def test_pmap_with_axis_name_equals_one_device_on_the_global_batch():
     assert_trees_close(first, (new.params, new.model_state), rtol=1e-4, atol=1e-5)
     for name in ("loss", "accuracy", "grad_norm"):
         np.testing.assert_allclose(p_m[name][0], m[name], rtol=1e-4, err_msg=name)
+
+
+class NoAxisBatchNormNet(nn.Module):
+    """BatchNormNet without an ``axis_name`` field: train_step cannot make it sync."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(K)(x)
+
+
+def test_pmap_warns_about_batchnorm_it_cannot_average_over_devices():
+    """Silent per-device statistics would make the result depend on the device count."""
+    n_dev = 2
+    state = create_train_state(NoAxisBatchNormNet(), optax.sgd(0.1), jax.random.key(0),
+                               jnp.zeros((1, 8, 8, 1)))
+    replicated = jax.tree.map(lambda x: jnp.stack([x] * n_dev), state)
+    shards = jax.tree.map(lambda x: x.reshape(n_dev, -1, *x.shape[1:]), make_batch(8))
+    keys = jnp.stack([jax.random.key(0)] * n_dev)
+    step = jax.pmap(functools.partial(train_step, axis_name="d"), axis_name="d",
+                    devices=jax.devices()[:n_dev])
+    with pytest.warns(UserWarning, match="NoAxisBatchNormNet has BatchNorm statistics but no "
+                                         "axis_name field"):
+        jax.block_until_ready(step(replicated, shards, keys))
+
+
+# ----------------------------------------------------------------------------- user models
+
+
+class NoTrainArg(nn.Module):
+    """The plainest Linen module: ``__call__(x)``, no ``train`` argument."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(K)(x.reshape((x.shape[0], -1)))
+
+
+def test_a_linen_module_without_a_train_argument_trains_and_evaluates(batch):
+    state = create_train_state(NoTrainArg(), optax.sgd(0.5), jax.random.key(0),
+                               jnp.zeros((1, 8, 8, 1)))
+    assert jax.tree.map(jnp.shape, state.params) == {"Dense_0": {"bias": (K,), "kernel": (64, K)}}
+    step = jax.jit(train_step)
+    losses = []
+    for i in range(20):
+        state, m = step(state, batch, jax.random.key(i))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.8 * losses[0]
+    sums = jax.jit(eval_step)(state, {**batch, "mask": jnp.ones(len(batch["label"]))})
+    logits = NoTrainArg().apply({"params": state.params}, batch["image"])
+    np.testing.assert_allclose(sums["correct"], np.sum(np.argmax(logits, -1) == batch["label"]))
