@@ -377,7 +377,10 @@ def _zoom_coords(n: int, z: Array) -> Array:
     clipped_zoom crops the centre crop = ceil(n / z), scipy.ndimage.zoom(order=1)s it
     to out = round(crop * z) pixels and keeps the centre n. The offsets keep an exact
     integer n / z that integer and round .5 ties up, as the reference's float64 factors
-    (a hair above their decimals) do for every preset factor at 32 and 224 px.
+    (a hair above their decimals) do for every preset factor at 32 and 224 px. At some
+    other sizes the float64 product is an exact tie, which Python's round sends to the
+    even size (16 px, z = 1.1: 16.5 -> 16, here 17): that zoom then sits half a pixel
+    off the reference's (up to ~0.05 of a pixel value at 16 and 256 px).
     """
     crop = jnp.ceil(n / z - 1e-4)
     out = jnp.floor(crop * z + 0.5 + 1e-4)
@@ -433,7 +436,10 @@ def _box_resample_matrix(n: int, c: Array) -> Array:
 
     PIL's BOX filter assigns each input pixel x to output pixel ceil(m(2x+1)/2n) - 1
     when shrinking and output X reads pixel floor(m(2X+1)/2n) when growing; here in
-    exact integer arithmetic on static-size index arrays, so m may be traced.
+    exact integer arithmetic on static-size index arrays, so m may be traced. Equal to
+    PIL at 28, 32, 64, 96 and 224 px; where an input pixel's centre falls exactly on a
+    box edge (e.g. 41, 57, 227, 299 px), PIL's float arithmetic drops it from both boxes
+    and here it counts in one (an output pixel then differs by up to ~0.4).
     """
     m = jnp.clip(jnp.floor(n * c + 1e-4), 1, n).astype(jnp.int32)
     i = jnp.arange(n, dtype=jnp.int32)
