@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import io
 import itertools
 
 import jax
@@ -27,15 +28,18 @@ from jaxtrain.robustness import perturbations as P
 
 NAMES = P.CORRUPTIONS
 RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "fog",
-          "rotation", "translation", "occlusion")
+          "elastic_transform", "rotation", "translation", "occlusion")
 # Parameters that do not grow with severity: saturate's factor goes .3, .1, 1.5, ...;
 # fog's decay changes with its amplitude; ImageNet's zoom sets are not nested (12, 16,
 # 11, 13, 11 factors) and its defocus radii 3..10 exceed these small images.
 # PIL's BOX up-sampling is not aligned with its down-sampling groups unless the size
 # divides: at 20 px, 6 groups distort noise images more than 5 (ImageNet's last two).
+# The elastic transform's severities trade displacement against its smoothness: on noise
+# images any shift of a pixel distorts about as much.
 NOT_MONOTONE = {("saturate", "cifar"), ("saturate", "imagenet"), ("fog", "cifar"),
                 ("fog", "imagenet"), ("zoom_blur", "imagenet"), ("defocus_blur", "imagenet"),
-                ("pixelate", "imagenet")}
+                ("pixelate", "imagenet"), ("elastic_transform", "cifar"),
+                ("elastic_transform", "imagenet")}
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 PRESET_ROWS = {"cifar": slice(0, 5), "imagenet": slice(5, 10)}
 
@@ -176,6 +180,12 @@ def test_preset_values_match_robustness_md() -> None:
     assert P.corruption_params("saturate", 4, "cifar") == (2.0, 0.1)
     assert P.corruption_params("zoom_blur", 5, "imagenet") == (1.0, 1.31, 0.03)
     assert P.corruption_params("fog", 1, "imagenet") == (1.5, 2.0)
+    np.testing.assert_allclose(P.corruption_params("elastic_transform", 2, "cifar"),
+                               (1.6, 6.4, 2.24))
+    np.testing.assert_allclose(P.corruption_params("elastic_transform", 1, "imagenet"),
+                               (488, 170.8, 24.4))
+    assert P.corruption_params("jpeg_compression", 3, "cifar") == (58.0,)
+    assert P.corruption_params("jpeg_compression", 5, "imagenet") == (7.0,)
     assert set(P.PRESETS) == {"cifar", "imagenet"}
     for preset in P.PRESETS:
         assert tuple(P.PRESETS[preset]) == NAMES
@@ -222,6 +232,8 @@ def test_params_override_preset() -> None:
     (lambda: P.perturb(IMAGES[1], "zoom_blur", 1, key(), params=(1, 2, 0.01)), "zoom"),
     (lambda: P.perturb(IMAGES[1], "gaussian_blur", 1, key(), params=(9,)), "sigma"),
     (lambda: P.perturb(IMAGES[1], "contrast", 1, key(), params=(1, 2)), "params"),
+    (lambda: P.perturb(IMAGES[1], "elastic_transform", 1, key(), params=(1, 171, 1)), "sigma"),
+    (lambda: P.perturb(IMAGES[1], "jpeg_compression", 1, key(), params=(0,)), "quality"),
 ])
 def test_bad_input_raises_value_error(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -477,6 +489,60 @@ def test_occlusion_zeroes_one_nested_square_inside_the_image() -> None:
             np.testing.assert_array_equal(out[row, n][~hole], x[n][~hole])
             if s > 1:
                 assert np.all(holes[row - 1, n] <= hole), "squares are not nested"
+
+
+def reference_elastic(img: np.ndarray, c: tuple[float, ...], jitter_32: np.ndarray,
+                      u_dx: np.ndarray, u_dy: np.ndarray) -> np.ndarray:
+    """make_cifar_c.elastic_transform with its draws given, in scipy alone: OpenCV's
+    getAffineTransform / warpAffine (reflect-101) as a 3x3 solve and
+    ndimage.affine_transform(mode="mirror"); centre (W // 2, H // 2) in (x, y)."""
+    h, w, ch = img.shape
+    s, cx, cy = min(h, w) // 3, w // 2, h // 2
+    pts1 = np.array([[cx + s, cy + s], [cx + s, cy - s], [cx - s, cy - s]], np.float64)
+    forward = np.linalg.solve(np.c_[pts1, np.ones(3)], pts1 + jitter_32).T  # (x, y) 2x3
+    inv = np.linalg.inv(np.vstack([forward, [0, 0, 1]]))
+    m_rc = np.array([[inv[1, 1], inv[1, 0]], [inv[0, 1], inv[0, 0]]])  # (row, col) order
+    warped = np.stack([ndi.affine_transform(img[..., k], m_rc, (inv[1, 2], inv[0, 2]),
+                                            order=1, mode="mirror") for k in range(ch)], -1)
+    smooth = (lambda u: ndi.gaussian_filter(u, c[1], mode="reflect", truncate=3) * c[0])
+    dx, dy = smooth(u_dx), smooth(u_dy)
+    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([ndi.map_coordinates(warped[..., k], [i + dy, j + dx], order=1,
+                                         mode="reflect") for k in range(ch)], -1)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_elastic_transform_reference(channels: int) -> None:
+    # White box: one key split 3 ways, U(-1, 1) * jitter [N, 3, 2] then two U(-1, 1) [N, H, W].
+    # ImageNet's sigmas (up to 170 px) on 12 px images read many reflections of the image.
+    x = IMAGES[channels].astype(np.float64)
+    n, h, w = x.shape[:3]
+    k_aff, k_dx, k_dy = jax.random.split(sweep_keys()[0], 3)
+    unit = lambda k, shape: np.asarray(jax.random.uniform(k, shape, minval=-1.0, maxval=1.0))
+    u_aff, u_dx, u_dy = unit(k_aff, (n, 3, 2)), unit(k_dx, (n, h, w)), unit(k_dy, (n, h, w))
+    out = sweep("elastic_transform", channels)[0]
+    for row, (preset, s, c) in enumerate(severity_params("elastic_transform")):
+        jitter = u_aff * np.float32(c[2])
+        want = np.stack([reference_elastic(x[m], c, jitter[m], u_dx[m], u_dy[m])
+                         for m in range(n)])
+        np.testing.assert_allclose(out[row], np.clip(want, 0, 1), atol=5e-5,
+                                   err_msg=f"{preset} s{s}")
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_jpeg_compression_matches_pillow(channels: int) -> None:
+    from PIL import Image
+
+    u8 = np.rint(IMAGES[channels] * 255).astype(np.uint8)
+    out = np.asarray(fast_jit(lambda x: jax.vmap(lambda p: P.perturb_by_param(
+        x, "jpeg_compression", p, key()))(all_params("jpeg_compression")))(u8 / np.float32(255)))
+    for row, (preset, s, (quality,)) in enumerate(severity_params("jpeg_compression")):
+        for m, img in enumerate(u8):
+            buf = io.BytesIO()
+            Image.fromarray(img.squeeze(-1) if channels == 1 else img).save(
+                buf, "JPEG", quality=int(quality))
+            want = np.asarray(Image.open(buf)).reshape(img.shape) / np.float32(255)
+            np.testing.assert_array_equal(out[row, m], want, err_msg=f"{preset} s{s}")
 
 
 # ------------------------------------------------------------- noise stats

@@ -230,6 +230,25 @@ def test_one_seed_on_one_device_equals_its_slice_of_the_seed_program(tiny, suite
     _same(alone.attacks["pgd_linf"]["correct"], row(suite_result.attacks["pgd_linf"]["correct"]))
 
 
+def test_warping_and_host_corruptions_are_the_same_sharded_and_per_seed(tiny):
+    """elastic_transform (per-example keys) and jpeg_compression (a host callback inside the
+    program) on the 8-device mesh, 3 seeds at once, in chunks of 8 (the last padded)
+    against seed 1 alone on one device in one chunk: the same sums."""
+    model, variables, split = tiny
+    spec = S.SuiteSpec(corruptions=("elastic_transform", "jpeg_compression"),
+                       severities=(1, 5), flip_noises=(), seed=3)
+    programs = ("digital", "geometric")
+    sharded = S.evaluate_suite(_apply(model), variables, split,
+                               dataclasses.replace(spec, chunk_size=8), programs=programs)
+    alone = S.evaluate_suite(_apply(model), _seed(variables, 1), split, spec,
+                             strategy=create_strategy("none"), programs=programs)
+    assert [r.num_chunks for r in sharded.runs] == [3, 3]
+    row = lambda tree: jax.tree.map(lambda a: a[1:2], tree)
+    for name in spec.corruptions:
+        _same(alone.corruptions[name], row(sharded.corruptions[name]))
+        assert alone.corruptions[name]["count"].tolist() == [[NUM_EXAMPLES] * 2]
+
+
 # ----------------------------------------------------------------------------- small parts
 
 

@@ -71,14 +71,14 @@ ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 # Corruptions whose output depends on the key; the others are evaluated once per severity.
 RANDOM_CORRUPTIONS = frozenset({
     "gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "fog",
-    "rotation", "translation", "occlusion",
+    "elastic_transform", "rotation", "translation", "occlusion",
 })
 # One compiled program per group (a log line each); grouped by family.
 CORRUPTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("noise", ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise")),
     ("blur", ("gaussian_blur", "defocus_blur", "zoom_blur")),
-    ("digital", ("brightness", "contrast", "saturate", "pixelate", "fog")),
-    ("geometric", ("rotation", "translation", "occlusion")),
+    ("digital", ("brightness", "contrast", "saturate", "pixelate", "fog", "jpeg_compression")),
+    ("geometric", ("elastic_transform", "rotation", "translation", "occlusion")),
 )
 assert sorted(n for _, g in CORRUPTION_GROUPS for n in g) == sorted(CORRUPTIONS)
 # Noise sequences: parameter 0 is the clean image and grows with the noise.
