@@ -111,6 +111,7 @@ class TrainConfig:
             "deterministic", "best_metric", "best_mode", "on_nonfinite", "max_skipped",
             "tensorboard", "wandb_project", "mlflow_experiment", "profile_steps", "dry_run",
             "steps_per_call",
+            "robustness",  # the experiments' --robustness: an evaluation after training
         }
     )
 
@@ -165,6 +166,9 @@ class TrainConfig:
             raise ConfigError(f"--synthetic-shape must be H,W,C > 0, got {self.synthetic_shape}")
         if self.synthetic_classes < 2:
             raise ConfigError(f"--synthetic-classes must be >= 2, got {self.synthetic_classes}")
+        if self.parallel == "none" and self.devices > 1:
+            raise ConfigError(f"--parallel none runs on one device, but --devices {self.devices} "
+                              "asks for more (use --parallel auto, mesh or pmap)")
         if self.steps_per_call > 1 and self.num_seeds > 1:
             raise ConfigError("--steps-per-call > 1 runs one seed only; use --num-seeds 1 "
                               "or --steps-per-call 1")

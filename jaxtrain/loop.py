@@ -191,8 +191,13 @@ def train_and_evaluate(
         host_state = host_state.replace(**{k: v for k, v in resumed.tree.items() if k != "rng"})
         base_key, resumed_meta = resumed.tree["rng"], resumed.meta
         start_step = int(resumed_meta["step"])
+    if start_step == total_steps and (done := finished_summary(workdir, total_steps)):
+        if is_main:
+            print(f"{workdir} holds this run, finished at step {total_steps}: nothing to do "
+                  "(its files are left as they are; a new --workdir trains again)", flush=True)
+        return done
     os.makedirs(workdir, exist_ok=True)
-    if resumed is not None and is_main:
+    if is_main:  # a fresh start drops an earlier attempt's records (it left no checkpoint)
         drop_records_after(os.path.join(workdir, "metrics.jsonl"), start_step)
     best_mode = config.best_mode
     if best_mode == "auto":
@@ -213,8 +218,7 @@ def train_and_evaluate(
             manifest["cpu_devices"] = local_cpu_device_count()
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 json.dump(manifest, f, indent=2)
-            writers.extend(create_writers(
-                config, workdir, resume_step=start_step if resumed is not None else None))
+            writers.extend(create_writers(config, workdir, resume_step=start_step))
         if writer is not None:
             writers.append(writer)
         out = MultiWriter(writers)
@@ -293,7 +297,8 @@ def train_and_evaluate(
         cleanup.callback(progress.close)
         eval_every = config.eval_every or per_epoch
         window = TrainWindow(config.on_nonfinite, config.max_skipped, place.get, seeded=seeded,
-                             skipped_in_a_row=int(resumed_meta.get("skipped_in_a_row", 0)))
+                             skipped_in_a_row=int(resumed_meta.get("skipped_in_a_row", 0)),
+                             restored=resumed_meta.get("train_window", ()))
         initial = {**state_tree(host_state), "rng": base_key}  # rollback before any checkpoint
         saves = Saves(
             ckpt, config, best_mode=best_mode, per_epoch=per_epoch,
@@ -343,7 +348,8 @@ def train_and_evaluate(
             eval_due = step % eval_every == 0 or step == total_steps
             ckpt_due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
             log_due = step // config.log_every != (step - n) // config.log_every
-            if eval_due or ckpt_due or log_due or guard.due(calls):
+            # a preemption between these saves the window unflushed (Saves, TrainWindow)
+            if eval_due or ckpt_due or log_due:
                 state = flush(step, state)
                 steady_time += time.perf_counter() - t_mark
                 steady_steps += since_mark
@@ -377,7 +383,8 @@ def train_and_evaluate(
 
     summary = {
         **_final_figures(test, val, seeds),
-        "train_steps_per_sec": steady_steps / steady_time if steady_time else float("nan"),
+        # None (null) when no call ran after the first, which compiles (e.g. one fused call)
+        "train_steps_per_sec": steady_steps / steady_time if steady_steps else None,
         "wall_seconds": time.perf_counter() - t_start,
         "num_devices": strategy.num_devices,
         "strategy": strategy.kind,
@@ -392,6 +399,33 @@ def train_and_evaluate(
         summary["seed_parallel"] = bool(config.seed_parallel)
         summary["seed_chunk"] = seed_chunk
     if is_main:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
+
+
+def finished_summary(workdir: str, total_steps: int) -> dict[str, Any] | None:
+    """The ``summary.json`` of a run that already finished in ``workdir`` (resumed at its
+    last step), or None: then the run still owes its final evaluation and summary.
+    Every process must see it (a workdir on a filesystem they share), or none uses it."""
+    path = os.path.join(workdir, "summary.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+        ok = isinstance(summary, dict) and summary.get("steps") == total_steps
+    except (OSError, ValueError):
+        summary, ok = None, False
+    return summary if distributed.agree_min(int(ok)) else None
+
+
+def write_json(path: str, record: dict[str, Any]) -> None:
+    """``record`` as strict JSON (non-finite numbers become null), replaced atomically."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not np.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return [clean(v) for v in x] if isinstance(x, list | tuple) else x
+
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(clean(record), f, indent=2, allow_nan=False)
+    os.replace(path + ".tmp", path)

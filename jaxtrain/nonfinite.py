@@ -8,7 +8,7 @@ back to the last checkpoint, stopping after ``--max-skipped`` in a row.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -73,20 +73,38 @@ def nonfinite_message(state: TrainState, train: data_lib.Split, seeds: Sequence[
 class TrainWindow:
     """The train metrics of the compiled calls since the last flush, left on the devices
     (a flush is the loop's one host sync, at log, eval and checkpoint steps), and
-    ``--on-nonfinite``'s count of consecutive non-finite steps (kept in checkpoints)."""
+    ``--on-nonfinite``'s count of consecutive non-finite steps (kept in checkpoints).
+
+    A checkpoint taken between flushes (at preemption) keeps the window's steps
+    (``pending``); a run resumed from it starts its window with them (``restored``), so
+    its next train record averages the same steps as a run never stopped."""
 
     def __init__(self, policy: str, max_skipped: int, get: Callable[[Any], Any], *,
-                 seeded: bool, skipped_in_a_row: int = 0) -> None:
+                 seeded: bool, skipped_in_a_row: int = 0,
+                 restored: Sequence[Mapping[str, Any]] = ()) -> None:
         self.policy, self.max_skipped, self.get, self.seeded = policy, max_skipped, get, seeded
         self.skipped_in_a_row = skipped_in_a_row
         self._calls: list[tuple[int, Any]] = []  # (steps, metrics) per call
+        self._host: list[dict[str, Any]] = [  # steps already on the host, before _calls
+            {k: np.asarray(v["value"], v["dtype"]) for k, v in m.items()} for m in restored]
 
     def add(self, n: int, metrics: Any) -> None:
         """The device metrics of one call of ``n`` steps."""
         self._calls.append((n, metrics))
 
     def __bool__(self) -> bool:
-        return bool(self._calls)
+        return bool(self._calls or self._host)
+
+    def _to_host(self) -> list[dict[str, Any]]:
+        self._host += [h for n, m in self._calls for h in unstack_steps(self.get(m), self.seeded, n)]
+        self._calls.clear()
+        return self._host
+
+    def pending(self) -> list[dict[str, Any]]:
+        """The steps not flushed yet, one JSON-able dict per step (exact: the values with
+        their dtype), for a checkpoint's metadata; ``restored=`` takes them back."""
+        return [{k: {"value": np.asarray(v).tolist(), "dtype": np.asarray(v).dtype.name}
+                 for k, v in m.items()} for m in self._to_host()]
 
     def flush(self, step: int, describe: Callable[[int, dict[str, Any]], str]
               ) -> tuple[dict[str, Any], int, int | None]:
@@ -97,8 +115,7 @@ class TrainWindow:
         Returns the mean train metrics over its finite steps (all of them when none is;
         ``[S]`` values for seeds) with ``skipped``, its step count, and the first
         non-finite step, if any (the window ends at data position ``step``)."""
-        host = [h for n, m in self._calls for h in unstack_steps(self.get(m), self.seeded, n)]
-        self._calls.clear()
+        host, self._host = self._to_host(), []
         first_bad = None
         for i, m in enumerate(host):
             if np.any(m["nonfinite"]):

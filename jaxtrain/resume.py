@@ -15,8 +15,10 @@ from jaxtrain.config import ConfigError, TrainConfig
 
 
 def drop_records_after(path: str, step: int) -> None:
-    """On resume at ``step``: removes ``metrics.jsonl`` records of later steps (that work
-    is redone) and a line cut short by a kill, so the file reads as one run."""
+    """On resume at ``step`` (0: a fresh start): removes ``metrics.jsonl`` records of later
+    steps (that work is redone), a ``test`` record at ``step`` (written after the last
+    checkpoint: it comes again) and a line cut short by a kill, so the file reads as one
+    run."""
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
@@ -24,9 +26,11 @@ def drop_records_after(path: str, step: int) -> None:
 
     def keep(line: str) -> bool:
         try:
-            return int(json.loads(line)["step"]) <= step
+            record = json.loads(line)
+            at = int(record["step"])
         except (ValueError, KeyError, TypeError):
             return False
+        return at < step or (at == step and record.get("split") != "test")
 
     kept = [line for line in lines if keep(line)]
     if len(kept) != len(lines):
@@ -79,5 +83,5 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
         if old != value:
             raise ConfigError(
                 f"workdir holds checkpoints of a different run: --{name.replace('_', '-')} "
-                f"was {old!r}, now {value!r} (use another --workdir or --resume never)"
+                f"was {old!r}, now {value!r} (use another --workdir)"
             )

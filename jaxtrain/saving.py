@@ -38,7 +38,8 @@ class Saves:
     finite); ``get``: devices -> host; ``key``: the placed per-step key, saved as
     ``rng``; ``initial``: the host tree a rollback before any checkpoint returns to;
     ``restore``: such a tree -> the placed train state; ``window``: its count of
-    consecutive non-finite steps goes into each checkpoint's metadata."""
+    consecutive non-finite steps and its steps not yet flushed go into each
+    checkpoint's metadata."""
 
     def __init__(self, ckpt: Checkpointer, config: TrainConfig, *, best_mode: str,
                  per_epoch: int, snapshot: Callable[[Any], Any], get: Callable[[Any], Any],
@@ -60,7 +61,8 @@ class Saves:
             return None
         meta = {"config": self.config.to_dict(), "step": step, "epoch": step // self.per_epoch,
                 "index_in_epoch": step % self.per_epoch,
-                "skipped_in_a_row": self._window.skipped_in_a_row}
+                "skipped_in_a_row": self._window.skipped_in_a_row,
+                "train_window": self._window.pending()}  # [] unless between flushes
         metrics = {f"val_{k}": float(np.mean(v)) for k, v in (val or {}).items()}
         return step, copy, meta, metrics
 

@@ -59,7 +59,8 @@ class JsonlWriter:
         self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-        record = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
+        record = {"step": int(step), "split": split,
+                  **{k: int(v) if k == "seed" else _clean(v) for k, v in metrics.items()}}
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
 
@@ -142,8 +143,9 @@ class TensorBoardWriter:
 
     ``config`` (optional, JSON-serializable) is stored once as a text summary
     so the run's settings show next to its curves. ``purge_step`` (a resumed
-    run's first step) hides what an earlier attempt wrote from that step on,
-    as ``metrics.jsonl`` drops those lines.
+    run's first step; 0 for a fresh start over an attempt that left no checkpoint)
+    hides what an earlier attempt wrote from that step on, as ``metrics.jsonl``
+    drops those lines.
     """
 
     def __init__(self, logdir: str, *, config: Mapping[str, Any] | None = None,
@@ -161,7 +163,7 @@ class TensorBoardWriter:
         # truncating the first one's file (tensorboardX names files by whole seconds).
         self._w = SummaryWriter(logdir=logdir, flush_secs=flush_secs, purge_step=purge_step,
                                 filename_suffix=f".{time.time_ns()}")
-        if config is not None and purge_step is None:
+        if config is not None and not purge_step:  # a new run (purge_step 0: a fresh start)
             text = json.dumps(dict(config), indent=2, default=str)
             self._w.add_text("config", "```\n" + text + "\n```", 0)
 

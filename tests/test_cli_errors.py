@@ -180,6 +180,8 @@ BAD = [
     Bad("too-many-devices", ("--devices", "9"),
         "--devices 9 asks for more than the 8 visible device(s)"),
     Bad("devices-negative", ("--devices", "-1"), "--devices must be >= 0, got -1"),
+    Bad("devices-with-parallel-none", ("--devices", "2", "--parallel", "none"),
+        "--parallel none runs on one device, but --devices 2 asks for more"),
     Bad("cpu-devices-negative", ("--cpu-devices", "-1"), "--cpu-devices must be >= 0, got -1"),
     Bad("cpu-devices-after-jax-started", ("--cpu-devices", "3"),
         "--cpu-devices 3 must be set before JAX starts (this process already has 8 CPU "

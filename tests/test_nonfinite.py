@@ -9,6 +9,7 @@ reporting finite metrics (the last line of defence: the save-time check). Then
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import signal
@@ -280,3 +281,29 @@ def test_seed_runs_keep_per_seed_means_and_count_every_bad_seed():
     mean, n, first_bad = window.flush(2, describe=None)
     assert (n, first_bad, mean["skipped"]) == (2, 2, 1.0)
     np.testing.assert_allclose(mean["loss"], [1.0, 2.0])  # the bad step is left out for all
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_pending_steps_survive_json_and_flush_as_if_never_stopped(seeded):
+    """A checkpoint between flushes keeps the window (``pending``, through JSON as Orbax's
+    metadata does); a window ``restored`` from it, given the later steps, flushes the same
+    record, bit for bit, as the window that never stopped."""
+    steps = [_step(v, bad=(i == 1)) for i, v in enumerate((0.1, 0.2, 0.3, 0.7, 1.1))]
+    if seeded:  # [S] values per step
+        steps = [{k: np.stack([v, v * 2]) for k, v in s.items()} for s in steps]
+    whole = _window("skip", seeded=seeded)  # seed runs are never fused
+    for n, metrics in ([(1, s) for s in steps[:3]] if seeded else
+                       [(2, _fused(*steps[:2])), (1, steps[2])]):
+        whole.add(n, metrics)
+    pending = json.loads(json.dumps(whole.pending()))
+    assert len(pending) == 3 and whole  # pending keeps them for the window's own flush
+    resumed = TrainWindow("skip", 3, lambda tree: tree, seeded=seeded, restored=pending)
+    for w in (whole, resumed):
+        w.add(1, steps[3])
+        w.add(1, steps[4])
+    (mean_a, n_a, bad_a), (mean_b, n_b, bad_b) = (w.flush(5, describe=None)
+                                                  for w in (whole, resumed))
+    assert (n_a, bad_a) == (n_b, bad_b) == (5, 2)
+    for k in mean_a:
+        assert np.asarray(mean_a[k]).tobytes() == np.asarray(mean_b[k]).tobytes(), k
+    assert not resumed and resumed.pending() == []

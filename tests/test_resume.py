@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -231,6 +232,78 @@ def _cli(argv: list[str], capsys) -> tuple[int, str]:
     return status, capsys.readouterr().err
 
 
+def test_preempted_between_log_steps_resumes_with_the_same_records(tmp_path, monkeypatch):
+    """Stopped at step 13, logging every 5: the window of steps 11-13 goes into the
+    checkpoint, and the resumed run's step-15 record averages 11-15, as if never stopped."""
+    from jaxtrain.profiling import StepProfiler
+
+    config = BASE.replace(log_every=5, steps_per_call=1)
+    train_and_evaluate(config, str(tmp_path / "reference"))
+    run = StepProfiler.run
+
+    def run_then_signal(self, step, fn, *args, **kwargs):
+        out = run(self, step, fn, *args, **kwargs)
+        if step == 12:  # the call of step 13 (``step``: the data position before it)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(StepProfiler, "run", run_then_signal)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(Preempted) as stopped:
+        train_and_evaluate(config, workdir)
+    assert stopped.value.step == 13
+    reader = Checkpointer(workdir, read_only=True)
+    assert [m["loss"]["dtype"] for m in reader.read_meta(13)["train_window"]] == ["float32"] * 3
+    reader.close()
+    assert [r["step"] for r in _records(workdir)] == [5, 10]  # nothing written at 13
+    monkeypatch.setattr(StepProfiler, "run", run)
+    train_and_evaluate(config, workdir)
+    assert _records(workdir) == _records(str(tmp_path / "reference"))
+    assert _params_equal(load_params(workdir), load_params(str(tmp_path / "reference")))
+
+
+def test_a_fresh_start_replaces_the_records_of_an_attempt_without_checkpoints(tmp_path,
+                                                                             reference):
+    """A run killed before its first checkpoint starts again from step 0: its records
+    (and a line cut short) go, instead of the new ones being appended to them."""
+    _, ref_records, ref_dir = reference()
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with open(ref_dir + "/metrics.jsonl") as f:
+        lines = f.readlines()[:7]
+    (workdir / "metrics.jsonl").write_text("".join(lines) + lines[7 - 1][:20])
+    train_and_evaluate(BASE, str(workdir))
+    assert _records(str(workdir)) == ref_records
+
+
+def test_rerunning_a_finished_run_changes_nothing(tmp_path, reference, capsys):
+    _, _, ref_dir = reference()
+    workdir = str(tmp_path / "run")
+    shutil.copytree(ref_dir, workdir)
+    before = _tree_snapshot(workdir)
+    with open(os.path.join(workdir, "summary.json")) as f:
+        on_disk = json.load(f)
+    assert train_and_evaluate(BASE, workdir) == on_disk
+    assert _tree_snapshot(workdir) == before
+    assert "finished at step 60: nothing to do" in capsys.readouterr().out
+
+
+def test_a_run_stopped_after_its_last_checkpoint_writes_its_summary_once(tmp_path, reference):
+    """The final checkpoint is on disk, the summary not yet: the rerun evaluates, replaces
+    the test record and writes strict JSON (no steady-state steps: null, not NaN)."""
+    ref_params, ref_records, ref_dir = reference()
+    workdir = str(tmp_path / "run")
+    shutil.copytree(ref_dir, workdir)
+    os.remove(os.path.join(workdir, "summary.json"))
+    summary = train_and_evaluate(BASE, workdir)
+    assert summary["resumed_from_step"] == TOTAL_STEPS and summary["train_steps_per_sec"] is None
+    assert _records(workdir) == ref_records  # one test record
+    with open(os.path.join(workdir, "summary.json")) as f:
+        on_disk = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert on_disk["train_steps_per_sec"] is None and on_disk["test_accuracy"] > 0.9
+    assert _params_equal(load_params(workdir), ref_params)
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished run on disk (1 epoch) for the refusal tests."""
@@ -281,7 +354,7 @@ def test_runtime_fields_may_change_on_resume(tmp_path, reference):
     with pytest.raises(Preempted):
         train_and_evaluate(BASE, workdir, writer=SignalAt(25))
     changed = BASE.replace(checkpoint_every=7, keep_checkpoints=1, log_every=5,
-                           on_nonfinite="skip", best_metric="val_loss")
+                           on_nonfinite="skip", best_metric="val_loss", robustness=True)
     train_and_evaluate(changed, workdir)
     assert _params_equal(load_params(workdir), ref_params)
 

@@ -37,6 +37,14 @@ def test_jsonl_round_trip(tmp_path):
     assert got[3]["loss"] == "nan"  # JSON has no NaN: stored as its repr
 
 
+def test_jsonl_keeps_a_seed_an_integer(tmp_path):
+    w = W.JsonlWriter(str(tmp_path / "metrics.jsonl"))
+    w.write(5, "test", {"seed": 3, "accuracy": 0.75})
+    w.close()
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert line == '{"step": 5, "split": "test", "seed": 3, "accuracy": 0.75}'
+
+
 @pytest.mark.needs("tensorboardX")
 def test_tensorboard_event_files_read_back(tmp_path):
     logdir = str(tmp_path / "tb")

@@ -108,6 +108,9 @@ class RobustnessConfig:
         for name in ("attack_steps", "max_examples", "chunk_size", "memory_budget_mb", "devices"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.parallel == "none" and self.devices > 1:
+            raise ConfigError(f"--parallel none runs on one device, but --devices {self.devices} "
+                              "asks for more (use --parallel auto or mesh)")
         if self.step < -1:
             raise ConfigError(f"--step must be a checkpoint step or -1 (latest), got {self.step}")
         if not 0 <= self.seed < 2**32:
