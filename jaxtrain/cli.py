@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -99,6 +101,9 @@ def run(
 
     Returns the exit status (see the module docstring); never raises except
     ``SystemExit`` from ``body``'s own sys.exit codes, which it returns too."""
+    if _release_held_interrupt():
+        print("error: interrupted", file=sys.stderr)
+        return 130
     try:
         config = parse_config(config_type, defaults, argv, prog)
         with deterministic_mode(config.deterministic):
@@ -123,6 +128,17 @@ def run(
         print(f"error: {one_line(e)}", file=sys.stderr)
         return _failed(status)
     return 0
+
+
+def _release_held_interrupt() -> bool:
+    """Gives Ctrl-C back its default (``KeyboardInterrupt``) if ``experiments`` held it
+    while the experiment imported; True when one came meanwhile."""
+    handler = signal.getsignal(signal.SIGINT)
+    held = getattr(handler, "held", None)
+    if held is None or threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return bool(held)
 
 
 def _failed(status: int) -> int:

@@ -14,8 +14,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -358,6 +360,20 @@ def test_exit_status_attribute(capsys):
         raise Diverged("loss is nan at step 7")
 
     assert _run(body, capsys) == (3, "error: loss is nan at step 7\n")
+
+
+def test_ctrl_c_while_the_experiment_imports_exits_130_in_one_line(tmp_path):
+    """JAX's import takes seconds; a Ctrl-C in it was lost (the run trained to the end,
+    exit 0) or ended in a traceback. Held until cli.run starts, it exits 130 at once."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.digits_mlp", "--workdir", str(tmp_path / "run"),
+         "--progress", "none"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # importing jax (the run itself starts seconds later)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err) == (130, "error: interrupted\n")
+    assert not (tmp_path / "run").exists()
 
 
 def test_interrupt_and_exit_codes(capsys):
