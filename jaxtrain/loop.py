@@ -192,6 +192,8 @@ def train_and_evaluate(
         base_key, resumed_meta = resumed.tree["rng"], resumed.meta
         start_step = int(resumed_meta["step"])
     if start_step == total_steps and (done := finished_summary(workdir, total_steps)):
+        if writer is not None:  # the loop owns it, as it does on every other way out
+            writer.close()
         if is_main:
             print(f"{workdir} holds this run, finished at step {total_steps}: nothing to do "
                   "(its files are left as they are; a new --workdir trains again)", flush=True)
