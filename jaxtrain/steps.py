@@ -75,7 +75,8 @@ def train_step(
     statistics are averaged over the axis (so the result equals one device
     seeing the global batch). ``loss_fn(logits_BK, labels_B) -> [B]`` replaces
     cross-entropy when given. With ``skip_nonfinite`` a step whose loss or
-    gradient is not finite leaves the state unchanged (``metrics["nonfinite"]``
+    gradient is not finite leaves params, model state and optimizer state unchanged
+    (``state.step`` still advances, as the data position does; ``metrics["nonfinite"]``
     is 1 for it either way). Returns the new state and scalar metrics ``loss``,
     ``accuracy``, ``grad_norm``, ``lr``, ``nonfinite``.
     """
@@ -131,15 +132,16 @@ def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) 
     """Sums over one eval batch: ``loss_sum``, ``correct``, ``count``.
 
     ``batch`` may carry ``mask: f32[B]`` (0 for padding) so a padded last batch
-    counts every real example exactly once. Sums (not means) combine exactly
-    across batches and devices (``psum`` over ``axis_name``).
+    counts every real example exactly once, whatever the padding rows hold (NaN
+    included). Sums (not means) combine exactly across batches and devices (``psum``
+    over ``axis_name``).
     """
     logits = state.apply(batch["image"], train=False)
     mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
     loss = cross_entropy(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     sums = {
-        "loss_sum": jnp.sum(loss * mask),
+        "loss_sum": jnp.sum(jnp.where(mask != 0, loss * mask, 0.0)),  # NaN * 0 is NaN
         "correct": jnp.sum(correct * mask),
         "count": jnp.sum(mask),
     }

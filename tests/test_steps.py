@@ -209,6 +209,10 @@ def test_eval_step_sums_over_unmasked_examples_only(mlp_state, batch):
     assert float(out["loss_sum"]) == pytest.approx(float(jnp.sum(losses)), rel=1e-5)
     correct = np.sum(np.argmax(logits, -1) == batch["label"][:n_real])
     assert float(out["correct"]) == correct
+    nan_padded = {**padded, "image": np.where(mask[:, None, None, None] > 0, padded["image"],
+                                               np.nan).astype(np.float32), "mask": mask}
+    out_nan = jax.jit(eval_step)(mlp_state, nan_padded)  # padding of any value drops out
+    assert {k: float(v) for k, v in out_nan.items()} == {k: float(v) for k, v in out.items()}
     unmasked = jax.jit(eval_step)(mlp_state, batch)
     assert float(unmasked["count"]) == 16
     # Sums combine exactly across batches.
