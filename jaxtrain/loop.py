@@ -58,7 +58,7 @@ from jaxtrain.resume import drop_records_after, resume_point
 from jaxtrain.saving import Saves
 from jaxtrain.seeds import check_seed_strategy, compile_seeded, seed_list, vmap_eval
 from jaxtrain.steps import eval_step
-from jaxtrain.writers import MetricWriter, MultiWriter, Progress, create_writers
+from jaxtrain.writers import MetricWriter, MultiWriter, Progress, create_writers, write_json
 
 __all__ = ["NonFiniteError", "Preempted", "train_and_evaluate"]
 
@@ -418,16 +418,3 @@ def finished_summary(workdir: str, total_steps: int) -> dict[str, Any] | None:
         summary, ok = None, False
     return summary if distributed.agree_min(int(ok)) else None
 
-
-def write_json(path: str, record: dict[str, Any]) -> None:
-    """``record`` as strict JSON (non-finite numbers become null), replaced atomically."""
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not np.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        return [clean(v) for v in x] if isinstance(x, list | tuple) else x
-
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(clean(record), f, indent=2, allow_nan=False)
-    os.replace(path + ".tmp", path)

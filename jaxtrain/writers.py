@@ -44,6 +44,33 @@ def _clean(value: Any) -> Any:
     return value if math.isfinite(value) else repr(value)  # JSON has no NaN/Inf
 
 
+def json_ready(x: Any) -> Any:
+    """``x`` for strict JSON: nested dicts and lists of floats (``None`` for NaN/inf),
+    ints and bools; numpy arrays and scalars become their Python values."""
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {k: json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_ready(x.tolist())
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
+
+
+def write_json(path: str, record: Any, *, indent: int = 2) -> None:
+    """``record`` as strict JSON (``json_ready``), replacing ``path`` atomically."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(json_ready(record), f, indent=indent, allow_nan=False)
+    os.replace(path + ".tmp", path)
+
+
 def _tagged(split: str, metrics: Mapping[str, Any], sep: str = "/") -> dict[str, float]:
     """``{split}/{name}`` -> value; a ``seed`` entry (seed runs) suffixes every tag."""
     seed = metrics.get("seed")

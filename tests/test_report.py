@@ -13,6 +13,7 @@ import scipy.stats
 
 from jaxtrain.robustness import report as R
 from jaxtrain.robustness.suite import AttackSetting, RobustnessError, SuiteResult, SuiteSpec
+from jaxtrain.writers import json_ready
 
 NAMES = ("gaussian_noise", "contrast", "fog")
 SEV = (1, 2, 3, 4, 5)
@@ -188,7 +189,7 @@ def test_non_finite_values_are_null_not_nan():
     res = _result(2, attacks=False)
     res.corruptions["fog"]["count"][:, 0] = 0  # an empty condition: 0 / 0
     rep = R.build_report(res, run=RUN, n_boot=100)
-    text = json.dumps(R._json(rep), allow_nan=False)  # raises on NaN
+    text = json.dumps(json_ready(rep), allow_nan=False)  # raises on NaN
     assert _strict(text)["corruptions"]["fog"]["accuracy"]["mean"][0] is None
     assert not math.isnan(rep["corruptions"]["contrast"]["accuracy"]["mean"][0])
 

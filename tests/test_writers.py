@@ -2,6 +2,7 @@
 optional backends are imported only when asked for."""
 
 import io
+import json
 import math
 import os
 import struct
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from jaxtrain import writers as W
@@ -232,3 +234,13 @@ def test_wandb_and_mlflow_writers_with_fake_modules(tmp_path, monkeypatch):
         ("wandb.finish",),
         ("mlflow.end",),
     ]
+
+
+def test_write_json_is_strict_and_atomic(tmp_path):
+    path = str(tmp_path / "summary.json")
+    W.write_json(path, {"a": float("nan"), "b": [np.float32(0.5), np.inf], "c": np.arange(2),
+                        "d": np.bool_(True), "e": None})
+    text = (tmp_path / "summary.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {
+        "a": None, "b": [0.5, None], "c": [0, 1], "d": True, "e": None}
+    assert sorted(os.listdir(tmp_path)) == ["summary.json"]  # no .tmp left

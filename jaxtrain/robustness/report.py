@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,6 +42,7 @@ from jaxtrain.robustness.plots import (
 )
 from jaxtrain.robustness.suite import RANDOM_CORRUPTIONS, RobustnessError, SuiteResult, finalize
 from jaxtrain.stats import DEFAULT_N_BOOT, summarize, summarize_axis
+from jaxtrain.writers import json_ready
 
 SCHEMA = "jaxtrain.robustness.report/1"
 METRICS = ("accuracy", "error", "ece", "nll", "brier")
@@ -53,29 +53,12 @@ PLOTS = ("accuracy_vs_severity.png", "robust_accuracy_vs_eps.png", "calibration.
 # ----------------------------------------------------------------------------- statistics
 
 
-def _json(x: Any) -> Any:
-    """Floats (``None`` for NaN/inf), ints and nested lists of them."""
-    if isinstance(x, dict):
-        return {k: _json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _json(x.tolist())
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x
-
-
 def scalar_stat(values_S: Sequence[float], n_boot: int = DEFAULT_N_BOOT) -> dict[str, Any]:
     """One metric over seeds: ``SeedSummary.to_dict()`` (or the values alone when some
     are not finite, e.g. an empty condition)."""
     v = np.asarray(values_S, np.float64).reshape(-1)
     if not np.all(np.isfinite(v)):
-        return {"values": _json(v), "n": len(v), "mean": None}
+        return {"values": json_ready(v), "n": len(v), "mean": None}
     return summarize(v, n_boot=n_boot).to_dict()
 
 
@@ -83,14 +66,14 @@ def array_stat(values_SX: np.ndarray, n_boot: int = DEFAULT_N_BOOT) -> dict[str,
     """A metric over conditions ``[S, X...]``: per-condition summaries plus ``values``."""
     v = np.asarray(values_SX, np.float64)
     if not np.all(np.isfinite(v)):
-        return {"values": _json(v), "n": v.shape[0], "mean": _json(np.nanmean(v, axis=0))}
-    return {"values": _json(v), **summarize_axis(v, axis=0, n_boot=n_boot).to_dict()}
+        return {"values": json_ready(v), "n": v.shape[0], "mean": json_ready(np.nanmean(v, axis=0))}
+    return {"values": json_ready(v), **summarize_axis(v, axis=0, n_boot=n_boot).to_dict()}
 
 
 def _bins(stats: Mapping[str, np.ndarray], pool_axes: tuple[int, ...] = ()) -> dict[str, Any]:
-    return {"count": _json(np.sum(stats["bin_count"], axis=pool_axes)),
-            "correct": _json(np.sum(stats["bin_correct"], axis=pool_axes)),
-            "conf_sum": _json(np.sum(stats["bin_conf_sum"], axis=pool_axes))}
+    return {"count": json_ready(np.sum(stats["bin_count"], axis=pool_axes)),
+            "correct": json_ready(np.sum(stats["bin_correct"], axis=pool_axes)),
+            "conf_sum": json_ready(np.sum(stats["bin_conf_sum"], axis=pool_axes))}
 
 
 def _metric_section(sums: Mapping[str, Mapping[str, np.ndarray]], n_boot: int) -> dict[str, Any]:
@@ -234,13 +217,13 @@ def build_report(
             summary["baseline"] = {"path": baseline_path,
                                    "run": dict(baseline.get("run", {})),
                                    "clean_error": base_clean,
-                                   "errors": {n: _json(base[n]) for n in names}}
+                                   "errors": {n: json_ready(base[n]) for n in names}}
     # stability
     rep["stability"] = {}
     for name, f in result.flips.items():
         rate_ST = np.asarray(f["flips"], np.float64) / max(f["count"], 1)
         rep["stability"][name] = {
-            "levels": _json(np.asarray(f["levels"], np.float64)),
+            "levels": json_ready(np.asarray(f["levels"], np.float64)),
             "flip_rate": array_stat(rate_ST, n_boot),
             "flip_probability": scalar_stat(rate_ST.mean(axis=1), n_boot),
         }
@@ -265,7 +248,7 @@ def build_report(
     rep["summary"] = summary
     rep["notes"] = _notes(rep, image_channels, baseline is not None)
     rep["timing"] = result.timing()
-    return _json(rep)
+    return json_ready(rep)
 
 
 def _published_section(sums: Mapping[str, Mapping[str, np.ndarray]], severities: Sequence[int],
@@ -373,7 +356,7 @@ def write_report(report: dict[str, Any], directory: str, *, plots: bool = True) 
             files.append(name)
     report["files"] = files
     _write(os.path.join(directory, "report.json"),
-           json.dumps(_json(report), indent=1, allow_nan=False))
+           json.dumps(json_ready(report), indent=1, allow_nan=False))
     paths["report.json"] = os.path.join(directory, "report.json")
     _write(os.path.join(directory, "report.md"), render_markdown(report))
     paths["report.md"] = os.path.join(directory, "report.md")

@@ -30,6 +30,7 @@ from jaxtrain.robustness.suite import (
     attack_settings,
     corruption_preset_for,
 )
+from jaxtrain.writers import write_json
 
 REPORT_DIR = "robustness"
 
@@ -366,7 +367,5 @@ def train_then_robustness(config: TrainConfig) -> dict[str, Any]:
             with open(path) as f:
                 on_disk = json.load(f)
             on_disk["robustness"] = figures
-            with open(path + ".tmp", "w") as f:
-                json.dump(on_disk, f, indent=2)
-            os.replace(path + ".tmp", path)
+            write_json(path, on_disk)
     return summary
