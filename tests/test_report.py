@@ -203,3 +203,12 @@ def test_headline(built):
     assert h["robust_accuracy_fgsm"] == {"0.1": rep["attacks"]["fgsm"]["robust_accuracy"]["mean"][0],
                                          "0.2": rep["attacks"]["fgsm"]["robust_accuracy"]["mean"][1]}
     assert "flip_probability_gaussian_noise" in h
+
+
+def test_notes_say_when_the_images_are_not_the_presets_size():
+    res = _result(2)  # spec preset: cifar (32 px)
+    notes = {size: R.build_report(res, run=RUN, image_channels=1, image_size=size,
+                                  n_boot=200)["notes"] for size in (8, 32, 96)}
+    assert "These images are 8 px; the cifar preset's parameters are for 32 px" in notes[8][0]
+    assert "stronger here" in notes[8][0] and "weaker here" in notes[96][0]
+    assert not any("px images" in n for n in notes[32])

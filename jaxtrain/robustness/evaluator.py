@@ -158,7 +158,8 @@ class Evaluator:
         self._placed = self.strategy.replicate(variables_S)
         self._compiled: dict[Any, Any] = {}
 
-    def _batch(self, arrays: Mapping[str, np.ndarray], start: int, size: int) -> dict[str, np.ndarray]:
+    def _batch(self, arrays: Mapping[str, np.ndarray], start: int, size: int,
+               transform: Callable[[dict], dict] | None = None) -> dict[str, np.ndarray]:
         n = len(next(iter(arrays.values())))
         idx = np.arange(start, min(start + size, n))
         mask = np.zeros(size, np.float32)
@@ -167,11 +168,15 @@ class Evaluator:
         batch = {k: v[idx] for k, v in arrays.items()}
         batch.update(mask=mask, index=idx.astype(np.int32))
         rows = process_rows(size)  # this process's rows, as a training batch's
-        return {k: v[rows] for k, v in batch.items()}
+        batch = {k: v[rows] for k, v in batch.items()}
+        return batch if transform is None else transform(batch)
 
     def run(self, name: str, program: Callable[..., PyTree],
-            arrays: Mapping[str, np.ndarray] | None = None) -> ProgramRun:
+            arrays: Mapping[str, np.ndarray] | None = None, *,
+            transform: Callable[[dict], dict] | None = None) -> ProgramRun:
         """Sums of ``program`` over every example of ``arrays`` (default: the split).
+        ``transform`` maps each host chunk (this process's rows, padded) before it is
+        placed: e.g. a corruption computed on the host.
 
         Without a fixed ``chunk_size`` the program is traced at the whole test set first;
         when its memory bound (``program_bytes``) exceeds the budget it is traced again at
@@ -183,11 +188,11 @@ class Evaluator:
         cached = self._compiled.get((id(program), n, shapes))
         if cached is not None:  # the same program on same-shaped data (e.g. CIFAR-10-C)
             compiled, chunk, per_example, _ = cached
-            first = self.strategy.shard(self._batch(arrays, 0, chunk))
+            first = self.strategy.shard(self._batch(arrays, 0, chunk, transform))
         else:
             jitted = self.strategy.compile(program)
             chunk = self.chunk_size or -(-n // self.ways) * self.ways
-            first = self.strategy.shard(self._batch(arrays, 0, chunk))
+            first = self.strategy.shard(self._batch(arrays, 0, chunk, transform))
             traced = jitted.trace(self._placed, first)
             per_example = None
             if not self.chunk_size:
@@ -195,7 +200,7 @@ class Evaluator:
                 fit = auto_chunk_size(per_example, self.budget, n, self.ways)
                 if fit < chunk:
                     chunk = fit
-                    first = self.strategy.shard(self._batch(arrays, 0, chunk))
+                    first = self.strategy.shard(self._batch(arrays, 0, chunk, transform))
                     traced = jitted.trace(self._placed, first)
             compiled = traced.lower().compile(self.compiler_options)
             # keeps ``program`` alive, so its id is not reused by another one
@@ -204,7 +209,8 @@ class Evaluator:
         chunks = -(-n // chunk)
         sums = None
         for i, start in enumerate(range(0, n, chunk)):
-            batch = first if i == 0 else self.strategy.shard(self._batch(arrays, start, chunk))
+            batch = first if i == 0 else self.strategy.shard(
+                self._batch(arrays, start, chunk, transform))
             out = _to_host(self.strategy.unreplicate(compiled(self._placed, batch)))  # blocks
             sums = out if sums is None else jax.tree.map(np.add, sums, out)
             if self.log is not None and chunks > 1:

@@ -164,6 +164,7 @@ def build_report(
     cifar10_corrupted: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     devices: Mapping[str, Any] | None = None,
     image_channels: int | None = None,
+    image_size: int | None = None,
     n_boot: int = DEFAULT_N_BOOT,
 ) -> dict[str, Any]:
     """The report dict (strict JSON after ``_json``) of a suite result; see the module
@@ -246,7 +247,7 @@ def build_report(
         if "summary" in rep["cifar10_corrupted"]:
             summary["cifar10_corrupted"] = rep["cifar10_corrupted"]["summary"]
     rep["summary"] = summary
-    rep["notes"] = _notes(rep, image_channels, baseline is not None)
+    rep["notes"] = _notes(rep, image_channels, baseline is not None, image_size)
     rep["timing"] = result.timing()
     return json_ready(rep)
 
@@ -274,7 +275,12 @@ def _published_section(sums: Mapping[str, Mapping[str, np.ndarray]], severities:
     return section
 
 
-def _notes(rep: Mapping[str, Any], channels: int | None, with_baseline: bool) -> list[str]:
+# The image side each corruption preset's pixel parameters were made for.
+PRESET_SIZES = {"cifar": 32, "imagenet": 224}
+
+
+def _notes(rep: Mapping[str, Any], channels: int | None, with_baseline: bool,
+           size: int | None = None) -> list[str]:
     setup = rep["setup"]
     notes = [
         ("Each random corruption draws its noise per test example from a key that depends only "
@@ -297,6 +303,14 @@ def _notes(rep: Mapping[str, Any], channels: int | None, with_baseline: bool) ->
     if channels == 1:
         notes.insert(0, "One-channel images: brightness is x + c (no HSV), and saturate is the "
                         "identity, so its accuracy equals the clean accuracy.")
+    nominal = PRESET_SIZES.get(setup["preset"])
+    if size and nominal and size != nominal:
+        notes.insert(0, (
+            f"These images are {size} px; the {setup['preset']} preset's parameters are for "
+            f"{nominal} px images and several are in pixels (gaussian and defocus blur, "
+            f"elastic_transform's displacement and affine jitter), so those corruptions "
+            f"are {'stronger' if size < nominal else 'weaker'} here than on the benchmark "
+            f"at the same severity."))
     if not with_baseline:
         notes.append("No --baseline given: CE / mCE are not reported.")
     return notes

@@ -326,7 +326,8 @@ def run_robustness(workdir: str, config: RobustnessConfig | None = None,
     report = report_lib.build_report(
         result, run=run.describe(), baseline=baseline, baseline_path=config.baseline,
         cifar10_corrupted=published, devices=device,
-        image_channels=int(run.data["image_shape"][-1]))
+        image_channels=int(run.data["image_shape"][-1]),
+        image_size=int(max(run.data["image_shape"][:2])))
     report["wall_seconds"] = time.perf_counter() - t_start
     paths: dict[str, str] = {}
     if jax.process_index() == 0:

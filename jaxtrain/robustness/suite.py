@@ -12,6 +12,8 @@ Programs (each compiled once, then run over fixed-size chunks of the test set):
   (``perturb_by_param`` over stacked severity parameters); results are the
   additive ``metrics.calibration_stats`` sums per ``[seed, severity]``, summed
   over keys;
+- ``host``: one per corruption with no JAX form (``HOST_CORRUPTIONS``: JPEG), applied
+  to each chunk on the host before it is placed, then evaluated as image sets;
 - ``clean``: calibration sums of the clean images, and the noise-sequence flip
   counts (frame ``t`` of ``flip_frames`` adds noise of ``t / (T-1)`` times the
   preset's severity-5 level; frame 0 is clean; each frame is compared with the
@@ -54,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxtrain.robustness import jpeg
 from jaxtrain.robustness.attacks import ATTACK_DEFAULTS, AttackSpec, robust_correct, run_attack
 from jaxtrain.robustness.evaluator import Evaluator, ProgramRun, RobustnessError
 from jaxtrain.robustness.metrics import DEFAULT_NUM_BINS, calibration_stats
@@ -77,9 +80,16 @@ RANDOM_CORRUPTIONS = frozenset({
 CORRUPTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("noise", ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise")),
     ("blur", ("gaussian_blur", "defocus_blur", "zoom_blur")),
-    ("digital", ("brightness", "contrast", "saturate", "pixelate", "fog", "jpeg_compression")),
+    ("digital", ("brightness", "contrast", "saturate", "pixelate", "fog")),
     ("geometric", ("elastic_transform", "rotation", "translation", "occlusion")),
+    ("host", ("jpeg_compression",)),
 )
+# Corruptions computed on the host (no JAX form): each chunk's images are corrupted at
+# every selected severity before they go to the devices, then evaluated as image sets
+# (``image_sets_program``), as the published CIFAR-10-C images are. One program each.
+HOST_CORRUPTIONS: Mapping[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "jpeg_compression": lambda images, params_VP: jpeg.image_sets(images, params_VP[:, 0]),
+}
 assert sorted(n for _, g in CORRUPTION_GROUPS for n in g) == sorted(CORRUPTIONS)
 # Noise sequences: parameter 0 is the clean image and grows with the noise.
 FLIP_NOISES = ("gaussian_noise", "speckle_noise", "impulse_noise")
@@ -397,6 +407,19 @@ def attack_program(apply_fn: ApplyFn, attack: AttackSetting,
     return program
 
 
+def host_sets(name: str, params_VP: np.ndarray) -> Callable[[dict], dict]:
+    """A chunk ``{"image": f32[B, H, W, C], "label": i32[B], ...}`` -> the same chunk with
+    ``name`` applied on the host at each of ``V`` encoded parameters: ``image`` becomes
+    ``[B, V, H, W, C]`` and ``label`` ``[B, V]`` (``image_sets_program``'s input)."""
+    corrupt, v = HOST_CORRUPTIONS[name], len(params_VP)
+
+    def transform(batch: dict) -> dict:
+        labels = np.repeat(np.asarray(batch["label"])[:, None], v, axis=1)
+        return {**batch, "image": corrupt(np.asarray(batch["image"]), params_VP), "label": labels}
+
+    return transform
+
+
 def image_sets_program(apply_fn: ApplyFn, num_bins: int = DEFAULT_NUM_BINS) -> Callable[..., PyTree]:
     """Calibration sums ``[S, V]`` of ``V`` given image sets of the same examples (e.g. the
     five severities of a published corruption): ``batch["image"]`` is ``u8[B, V, H, W, C]``
@@ -498,12 +521,13 @@ def evaluate_suite(
     wanted = None if programs is None else set(programs)
     runs: list[ProgramRun] = []
 
-    def go(name: str, program: Callable[..., PyTree], what: str = "") -> PyTree | None:
+    def go(name: str, program: Callable[..., PyTree], what: str = "",
+           transform: Callable[[dict], dict] | None = None) -> PyTree | None:
         if wanted is not None and name not in wanted:
             return None
         if log is not None:
             log(f"robustness: {name}{what} on {num_seeds} seed(s) ...")
-        run = ev.run(name, program)
+        run = ev.run(name, program, transform=transform)
         runs.append(run)
         return run.sums
 
@@ -513,6 +537,13 @@ def evaluate_suite(
     corruptions: dict[str, dict[str, np.ndarray]] = {}
     for group, names in spec.groups():
         what = f" ({', '.join(names)} x {len(spec.severities)} severities)"
+        if group == "host":
+            for name in names:
+                sums = go(group, image_sets_program(apply_fn, spec.num_bins), what,
+                          transform=host_sets(name, spec.severity_params(name)))
+                if sums is not None:
+                    corruptions[name] = sums
+            continue
         sums = go(group, corruption_program(apply_fn, spec, names, key), what)
         if sums is not None:
             corruptions.update(sums)
