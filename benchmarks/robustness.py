@@ -70,17 +70,17 @@ def run_vmapped(apply_fn, variables, split, spec, options, repeats):
 
     ev = E.Evaluator(variables, split, fast_compile=options is not None)
     key = jax.random.PRNGKey(spec.seed)
-    programs = [(g, S.corruption_program(apply_fn, spec, names, key)) for g, names in spec.groups()]
+    programs = S.corruption_programs(apply_fn, spec, key)
     t0 = time.perf_counter()
     sums = {}
-    for g, p in programs:
-        sums.update(ev.run(g, p).sums)
+    for g, _, p, transform in programs:
+        sums.update(ev.run(g, p, transform=transform).sums)
     first = time.perf_counter() - t0
     steady = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for g, p in programs:
-            ev.run(g, p)
+        for g, _, p, transform in programs:
+            ev.run(g, p, transform=transform)
         steady.append(time.perf_counter() - t0)
     return sums, first, min(steady)
 

@@ -407,6 +407,26 @@ def attack_program(apply_fn: ApplyFn, attack: AttackSetting,
     return program
 
 
+def corruption_programs(apply_fn: ApplyFn, spec: SuiteSpec, key: jax.Array
+                        ) -> list[tuple[str, tuple[str, ...], Callable[..., PyTree],
+                                        Callable[[dict], dict] | None]]:
+    """``(group, names, program, transform)`` for the selected corruptions: one program per
+    group (``corruption_program``), and one per host corruption (``image_sets_program`` on
+    chunks that ``transform`` corrupted on the host). Every program's sums are
+    ``{name: [S, V] sums}``."""
+    out = []
+    for group, names in spec.groups():
+        if group != "host":
+            out.append((group, names, corruption_program(apply_fn, spec, names, key), None))
+            continue
+        for name in names:
+            sets = image_sets_program(apply_fn, spec.num_bins)
+            program = (lambda v, b, *, axis_name=None, name=name, sets=sets:
+                       {name: sets(v, b, axis_name=axis_name)})
+            out.append((group, (name,), program, host_sets(name, spec.severity_params(name))))
+    return out
+
+
 def host_sets(name: str, params_VP: np.ndarray) -> Callable[[dict], dict]:
     """A chunk ``{"image": f32[B, H, W, C], "label": i32[B], ...}`` -> the same chunk with
     ``name`` applied on the host at each of ``V`` encoded parameters: ``image`` becomes
@@ -535,16 +555,9 @@ def evaluate_suite(
     flips = {n: {**f, "count": int(f["count"]), "levels": spec.flip_levels(n)}
              for n, f in clean["flip"].items()}
     corruptions: dict[str, dict[str, np.ndarray]] = {}
-    for group, names in spec.groups():
+    for group, names, program, transform in corruption_programs(apply_fn, spec, key):
         what = f" ({', '.join(names)} x {len(spec.severities)} severities)"
-        if group == "host":
-            for name in names:
-                sums = go(group, image_sets_program(apply_fn, spec.num_bins), what,
-                          transform=host_sets(name, spec.severity_params(name)))
-                if sums is not None:
-                    corruptions[name] = sums
-            continue
-        sums = go(group, corruption_program(apply_fn, spec, names, key), what)
+        sums = go(group, program, what, transform)
         if sums is not None:
             corruptions.update(sums)
     attacks = {}
