@@ -127,7 +127,9 @@ def test_ce_and_mce_against_a_baseline_by_hand(built):
         R.build_report(res, run=RUN, baseline=sub)
     del sub["corruptions"]["fog"]
     sub["setup"]["severities"] = list(SEV)
-    with pytest.raises(RobustnessError, match="no corruptions results for 'fog'"):
+    with pytest.raises(RobustnessError, match="no corruptions results for 'fog'; evaluate it with "
+                                             "the same --corruptions, or pass --corruptions "
+                                             "gaussian_noise,contrast$"):
         R.build_report(res, run=RUN, baseline=sub)
 
 

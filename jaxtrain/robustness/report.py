@@ -125,8 +125,10 @@ def baseline_errors(
     out = {}
     for n in names:
         if n not in table:
+            shared = ",".join(c for c in names if c in table)
             raise RobustnessError(f"the baseline report has no {section} results for {n!r}; "
-                                  "evaluate it with the same --corruptions")
+                                  "evaluate it with the same --corruptions"
+                                  + (f", or pass --corruptions {shared}" if shared else ""))
         means = table[n]["error"]["mean"]
         out[n] = np.asarray([means[c] for c in cols], np.float64)
     if clean is None:
