@@ -13,7 +13,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -306,11 +306,24 @@ def num_eval_batches(n: int, batch_size: int) -> int:
 # ----------------------------------------------------------------------------- augmentation
 
 
-def random_crop(key: jax.Array, images_BHWC: jnp.ndarray, padding: int) -> jnp.ndarray:
-    """Pads each image by ``padding`` zeros and crops back at a keyed random offset."""
+def global_batch_rows(draw: Callable[[int], jnp.ndarray], b: int,
+                          axis_name: str | None) -> jnp.ndarray:
+    """``draw(b)``; under ``pmap`` (``axis_name``) this device's ``b`` rows of
+    ``draw(devices * b)``, the draws one device would make for the global batch."""
+    if axis_name is None:
+        return draw(b)
+    whole = draw(jax.lax.axis_size(axis_name) * b)
+    return jax.lax.dynamic_slice_in_dim(whole, jax.lax.axis_index(axis_name) * b, b)
+
+
+def random_crop(key: jax.Array, images_BHWC: jnp.ndarray, padding: int, *,
+                axis_name: str | None = None) -> jnp.ndarray:
+    """Pads each image by ``padding`` zeros and crops back at a keyed random offset
+    (under ``pmap``, ``axis_name``: this device's rows of the global batch's offsets)."""
     b, h, w, c = images_BHWC.shape
     padded = jnp.pad(images_BHWC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    offsets = jax.random.randint(key, (b, 2), 0, 2 * padding + 1)
+    offsets = global_batch_rows(
+        lambda n: jax.random.randint(key, (n, 2), 0, 2 * padding + 1), b, axis_name)
 
     def crop(img, off):
         return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
@@ -318,19 +331,24 @@ def random_crop(key: jax.Array, images_BHWC: jnp.ndarray, padding: int) -> jnp.n
     return jax.vmap(crop)(padded, offsets)
 
 
-def random_flip(key: jax.Array, images_BHWC: jnp.ndarray) -> jnp.ndarray:
-    """Flips each image left-right with probability 1/2."""
-    flip = jax.random.bernoulli(key, 0.5, (images_BHWC.shape[0], 1, 1, 1))
+def random_flip(key: jax.Array, images_BHWC: jnp.ndarray, *,
+                axis_name: str | None = None) -> jnp.ndarray:
+    """Flips each image left-right with probability 1/2 (``axis_name``: as ``random_crop``)."""
+    flip = global_batch_rows(lambda n: jax.random.bernoulli(key, 0.5, (n, 1, 1, 1)),
+                                 images_BHWC.shape[0], axis_name)
     return jnp.where(flip, images_BHWC[:, :, ::-1], images_BHWC)
 
 
 def augment(
-    key: jax.Array, images_BHWC: jnp.ndarray, *, crop_padding: int = 0, flip: bool = False
+    key: jax.Array, images_BHWC: jnp.ndarray, *, crop_padding: int = 0, flip: bool = False,
+    axis_name: str | None = None,
 ) -> jnp.ndarray:
-    """Keyed crop and/or flip; identity when both are off."""
+    """Keyed crop and/or flip; identity when both are off. Under ``pmap`` pass the
+    device axis: each device takes its rows of the draws for the global batch, so the
+    images are those one device would make, whatever the device count."""
     k_crop, k_flip = jax.random.split(key)
     if crop_padding:
-        images_BHWC = random_crop(k_crop, images_BHWC, crop_padding)
+        images_BHWC = random_crop(k_crop, images_BHWC, crop_padding, axis_name=axis_name)
     if flip:
-        images_BHWC = random_flip(k_flip, images_BHWC)
+        images_BHWC = random_flip(k_flip, images_BHWC, axis_name=axis_name)
     return images_BHWC

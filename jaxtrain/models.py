@@ -8,14 +8,16 @@ images: the robustness suite perturbs in [0, 1] and calls the same model.
 ``axis_name`` names the device axis for BatchNorm statistics under ``pmap``
 (``train_step`` clones the model with it), so BatchNorm always normalizes over
 the global batch. Under ``jit`` over a mesh XLA reduces over the sharded batch
-by itself and ``axis_name`` stays ``None``.
+by itself and ``axis_name`` stays ``None``. Dropout (``Dropout``) likewise draws
+the global batch's mask under ``pmap`` and keeps this device's rows, so a run's
+result does not depend on the device count.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxtrain.compile_options import compiler_options
 from jaxtrain.conv import MatmulGradConv, conv_nhwc, is_narrow, nn_conv_params
+from jaxtrain.data import global_batch_rows
 from jaxtrain.pooling import relu_max_pool_2x2
 
 Dtype = Any
@@ -41,8 +44,31 @@ class Standardize(nn.Module):
         return (x_BHWC.astype(jnp.float32) - mean) / std
 
 
+class Dropout(nn.Module):
+    """``nn.Dropout`` (the same masks on one device) whose mask under ``pmap``
+    (``axis_name`` set) is this device's rows of the mask drawn for the global batch
+    ``[devices * B, ...]``: what one device would draw, at ``devices`` times the random
+    bits per device. ``train_step`` gives a model that says so
+    (``global_batch_dropout``) the step's key unfolded, the same on every device."""
+
+    rate: float
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        rng = self.make_rng("dropout")
+        mask = global_batch_rows(lambda n: jax.random.bernoulli(rng, keep, (n, *x.shape[1:])),
+                                 x.shape[0], self.axis_name)
+        return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+
+
 class MLP(nn.Module):
     """Flatten, ``len(hidden)`` ReLU layers with optional dropout, linear head."""
+
+    global_batch_dropout: ClassVar[bool] = True  # Dropout: see train_step
 
     num_classes: int
     hidden: Sequence[int] = (256, 256)
@@ -50,7 +76,7 @@ class MLP(nn.Module):
     mean: Sequence[float] = (0.0,)
     std: Sequence[float] = (1.0,)
     dtype: Dtype = jnp.float32
-    axis_name: str | None = None  # unused (no BatchNorm); kept for a uniform interface
+    axis_name: str | None = None  # dropout's device axis under pmap (no BatchNorm)
 
     @nn.compact
     def __call__(self, x_BHWC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -59,7 +85,7 @@ class MLP(nn.Module):
         for width in self.hidden:
             x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
             if self.dropout:
-                x = nn.Dropout(self.dropout, deterministic=not train)(x)
+                x = Dropout(self.dropout, self.axis_name)(x, deterministic=not train)
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
@@ -128,6 +154,8 @@ class CNN(nn.Module):
     ~100 ms of a ~230 ms step on XLA:CPU); ``"xla"`` is ``nn.relu`` then
     ``nn.max_pool``."""
 
+    global_batch_dropout: ClassVar[bool] = True  # Dropout: see train_step
+
     num_classes: int
     features: Sequence[int] = (32, 64)
     dense: int = 128
@@ -164,7 +192,7 @@ class CNN(nn.Module):
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x))
         if self.dropout:
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = Dropout(self.dropout, self.axis_name)(x, deterministic=not train)
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
@@ -195,6 +223,8 @@ class ResNet(nn.Module):
     ``conv``: ``"xla"`` (``nn.Conv``), ``"nhwc_vjp"`` (``nn.Conv`` with
     ``conv.conv_nhwc``'s backward) or ``"auto"`` (default): ``"nhwc_vjp"`` on CPU,
     ``"xla"`` elsewhere. The same parameters either way."""
+
+    global_batch_dropout: ClassVar[bool] = True  # Dropout: see train_step
 
     num_classes: int
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -232,7 +262,7 @@ class ResNet(nn.Module):
                 x = ResidualBlock(self.width * 2**i, strides, norm, self.dtype, conv)(x)
         x = jnp.mean(x, axis=(1, 2))
         if self.dropout:
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = Dropout(self.dropout, self.axis_name)(x, deterministic=not train)
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 

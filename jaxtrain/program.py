@@ -118,11 +118,8 @@ def make_update(
         rng = jax.random.fold_in(key, state.step)
         aug_key, drop_key = jax.random.split(rng)
         if config.crop_padding or config.flip:
-            if axis_name is not None:
-                aug_key = jax.random.fold_in(aug_key, jax.lax.axis_index(axis_name))
-            image = data_lib.augment(
-                aug_key, batch["image"], crop_padding=config.crop_padding, flip=config.flip
-            )
+            image = data_lib.augment(aug_key, batch["image"], crop_padding=config.crop_padding,
+                                     flip=config.flip, axis_name=axis_name)
             batch = {**batch, "image": image}
         return step_fn(state, batch, drop_key, axis_name=axis_name)
 

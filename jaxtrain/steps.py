@@ -70,17 +70,19 @@ def train_step(
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on ``batch = {"image": f32[B, H, W, C], "label": i32[B]}``.
 
-    ``rng`` drives dropout; under ``pmap`` (``axis_name`` set) it is folded with
-    the device index so devices differ, and gradients, metrics and BatchNorm
-    statistics are averaged over the axis (so the result equals one device
-    seeing the global batch). ``loss_fn(logits_BK, labels_B) -> [B]`` replaces
+    ``rng`` drives dropout; under ``pmap`` (``axis_name`` set) gradients, metrics
+    and BatchNorm statistics are averaged over the axis (so the result equals one
+    device seeing the global batch), and ``rng`` is folded with the device index so
+    devices draw different masks, unless the model draws its device's rows of the
+    global batch's mask itself (``global_batch_dropout``, as ``jaxtrain.models`` do
+    with ``models.Dropout``: then dropout equals one device's too). ``loss_fn(logits_BK, labels_B) -> [B]`` replaces
     cross-entropy when given. With ``skip_nonfinite`` a step whose loss or
     gradient is not finite leaves params, model state and optimizer state unchanged
     (``state.step`` still advances, as the data position does; ``metrics["nonfinite"]``
     is 1 for it either way). Returns the new state and scalar metrics ``loss``,
     ``accuracy``, ``grad_norm``, ``lr``, ``nonfinite``.
     """
-    if axis_name is not None:
+    if axis_name is not None and not getattr(state.model, "global_batch_dropout", False):
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
     model = _model_for(state, axis_name)
     if loss_fn is None:

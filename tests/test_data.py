@@ -213,3 +213,16 @@ def test_augment_identity_when_off_and_jittable():
     np.testing.assert_array_equal(out, f(jax.random.key(5), x))
     assert not np.array_equal(out, f(jax.random.key(6), x))
     assert float(jnp.min(out)) >= 0.0 and float(jnp.max(out)) <= 1.0
+
+
+@pytest.mark.parametrize("n_dev", [2, 4])
+def test_augment_under_pmap_is_one_devices_augment_of_the_global_batch(n_dev):
+    """Each device takes its rows of the global batch's crop offsets and flips, so the
+    images (and a run's result) do not depend on the device count."""
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(8, 6, 6, 3)), jnp.float32)
+    key = jax.random.key(9)
+    one = data.augment(key, x, crop_padding=2, flip=True)
+    per_device = jax.pmap(
+        lambda im: data.augment(key, im, crop_padding=2, flip=True, axis_name="d"),
+        axis_name="d", devices=jax.devices()[:n_dev])(x.reshape(n_dev, -1, 6, 6, 3))
+    np.testing.assert_array_equal(np.asarray(per_device).reshape(x.shape), one)

@@ -329,3 +329,41 @@ def test_a_linen_module_without_a_train_argument_trains_and_evaluates(batch):
     sums = jax.jit(eval_step)(state, {**batch, "mask": jnp.ones(len(batch["label"]))})
     logits = NoTrainArg().apply({"params": state.params}, batch["image"])
     np.testing.assert_allclose(sums["correct"], np.sum(np.argmax(logits, -1) == batch["label"]))
+
+
+def test_pmap_dropout_equals_one_device_on_the_global_batch():
+    """jaxtrain's models draw their device's rows of the global batch's dropout mask
+    (models.Dropout, global_batch_dropout): pmap over 4 devices = one device."""
+    n_dev = 4
+    state = make_state("mlp", optimizer="sgd", lr=0.1, dropout=0.5, hidden=(32,))
+    batch = make_batch(16)
+    new, m = jax.jit(train_step)(state, batch, jax.random.key(3))
+    replicated = jax.tree.map(lambda x: jnp.stack([x] * n_dev), state)
+    shards = jax.tree.map(lambda x: x.reshape(n_dev, -1, *x.shape[1:]), batch)
+    keys = jnp.stack([jax.random.key(3)] * n_dev)
+    p_new, p_m = jax.pmap(functools.partial(train_step, axis_name="d"), axis_name="d",
+                          devices=jax.devices()[:n_dev])(replicated, shards, keys)
+    assert_trees_close(jax.tree.map(lambda x: x[0], p_new.params), new.params, rtol=1e-4,
+                       atol=1e-5)
+    np.testing.assert_allclose(p_m["loss"][0], m["loss"], rtol=1e-5)
+    no_dropout = jax.jit(train_step)(make_state("mlp", optimizer="sgd", lr=0.1, hidden=(32,)),
+                                     batch, jax.random.key(3))[1]
+    assert abs(float(m["loss"]) - float(no_dropout["loss"])) > 1e-3  # dropout was on
+
+
+def test_models_dropout_draws_nn_dropouts_masks_on_one_device():
+    from jaxtrain.models import Dropout
+
+    class Net(nn.Module):
+        layer: type
+
+        @nn.compact
+        def __call__(self, x):
+            return self.layer(0.3)(x, deterministic=False)
+
+    x = jnp.ones((8, 5))
+    rngs = {"dropout": jax.random.key(1)}
+    ours = Net(Dropout).apply({}, x, rngs=rngs)
+    flax = Net(nn.Dropout).apply({}, x, rngs=rngs)
+    np.testing.assert_array_equal(ours, flax)
+    assert 0 < int(jnp.sum(ours == 0)) < x.size
