@@ -95,17 +95,16 @@ def test_data_fingerprint(digits):
     assert fp["num_classes"] == 10 and fp["image_shape"] == [8, 8, 1]
     assert fp["fingerprint"] == M.data_fingerprint(data_lib.load_dataset("digits"))["fingerprint"]
     assert len(set(fp["fingerprint"].values())) == 3
-    n = fp["fingerprint_examples"]
-    # one pixel of an early example changes the hash; an example past the first n does not
-    changed = {k: v.copy() for k, v in digits.train.items()}
-    changed["image"][n - 1, 3, 3, 0] += 0.5
-    assert M.split_fingerprint(changed) != fp["fingerprint"]["train"]
+    assert fp["fingerprint_examples"] == "all"
+    # one pixel or one label anywhere in the split changes the hash (the last example too)
+    for key, where in (("image", (0, 3, 3, 0)), ("image", (-1, 3, 3, 0)), ("label", (-1,))):
+        changed = {k: v.copy() for k, v in digits.train.items()}
+        changed[key][where] += 1
+        assert M.split_fingerprint(changed) != fp["fingerprint"]["train"], (key, where)
+    # with n, only the first n examples count
     later = {k: v.copy() for k, v in digits.train.items()}
-    later["image"][n, 3, 3, 0] += 0.5
-    assert M.split_fingerprint(later) == fp["fingerprint"]["train"]
-    relabeled = {k: v.copy() for k, v in digits.train.items()}
-    relabeled["label"][0] = (relabeled["label"][0] + 1) % 10
-    assert M.split_fingerprint(relabeled) != fp["fingerprint"]["train"]
+    later["label"][-1] += 1
+    assert M.split_fingerprint(later, n=256) == M.split_fingerprint(digits.train, n=256)
     synth = data_lib.load_dataset("synthetic", synthetic_size=200, synthetic_shape=(4, 4, 1))
     assert M.data_fingerprint(synth)["source"].startswith("synthetic")
 
