@@ -159,7 +159,13 @@ def load_dataset(
     synthetic_shape: tuple[int, int, int] = (28, 28, 1),
     synthetic_classes: int = 10,
 ) -> Dataset:
-    """Loads ``name`` (``digits``, ``synthetic`` or a TFDS name) into a ``Dataset``."""
+    """Loads ``name`` (``digits``, ``synthetic`` or a TFDS name) into a ``Dataset``.
+
+    Raises ``DataError`` (one line) for a ``val_fraction`` outside [0, 1), and when the
+    train or test split is empty (e.g. a synthetic size of 2, whose test split holds
+    ``round(2 * 0.2) = 0`` examples)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if name == "digits":
         train, test = load_digits()
         num_classes = 10
@@ -176,6 +182,12 @@ def load_dataset(
             f"are {test['image'].shape[1:]}"
         )
     train, val = _holdout(train, val_fraction)
+    for split_name, split in (("train", train), ("test", test)):
+        if len(split["label"]) == 0:
+            raise DataError(f"dataset {name!r} has no {split_name} examples"
+                            + (f" (--val-fraction {val_fraction} holds out all of them)"
+                               if split_name == "train" else "")
+                            + (" (--synthetic-size is too small)" if name == "synthetic" else ""))
     mean, std = channel_stats(train["image"])
     return Dataset(name, train, val, test, num_classes, mean, std)
 

@@ -165,6 +165,11 @@ BAD = [
         "--data-dir /nonexistent/tfds is not a directory"),
     Bad("too-few-examples", ("--dataset", "synthetic", "--synthetic-size", "50"),
         "--batch-size 64 is larger than the 36 training examples"),
+    Bad("synthetic-without-test-examples", ("--dataset", "synthetic", "--synthetic-size", "2",
+                                            "--batch-size", "1"),
+        "dataset 'synthetic' has no test examples (--synthetic-size is too small)"),
+    Bad("val-fraction-takes-every-example", ("--val-fraction", "0.9999"),
+        "dataset 'digits' has no train examples (--val-fraction 0.9999 holds out all of them)"),
     Bad("no-validation-split", ("--val-fraction", "0"),
         "--val-fraction 0.0 holds out no validation examples"),
     Bad("labels-out-of-range", (), "dataset 'digits' train split: labels must be in [0, 10), "

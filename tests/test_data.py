@@ -226,3 +226,13 @@ def test_augment_under_pmap_is_one_devices_augment_of_the_global_batch(n_dev):
         lambda im: data.augment(key, im, crop_padding=2, flip=True, axis_name="d"),
         axis_name="d", devices=jax.devices()[:n_dev])(x.reshape(n_dev, -1, 6, 6, 3))
     np.testing.assert_array_equal(np.asarray(per_device).reshape(x.shape), one)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"val_fraction": -0.1}, r"val_fraction must be in \[0, 1\), got -0.1"),
+    ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\), got 1.0"),
+    ({"val_fraction": 0.9999}, "has no train examples"),
+])
+def test_load_dataset_refuses_splits_it_cannot_make(kwargs, message):
+    with pytest.raises(data.DataError, match=message):
+        data.load_dataset("digits", **kwargs)
