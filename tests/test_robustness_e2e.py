@@ -266,3 +266,28 @@ def test_batchnorm_run_is_rebuilt_with_its_batch_stats(tmp_path):
     # the same weights without the statistics would give other logits
     fresh = apply(variables)
     assert not np.allclose(fresh, logits)
+
+
+def test_unprepared_cifar10_corrupted_is_reported_before_the_suite_runs(tmp_path, monkeypatch):
+    """A CIFAR-shaped run with --cifar10-corrupted and no prepared data: one error before
+    the in-memory suite (which took 76 s on 60 examples before it was checked)."""
+    pytest.importorskip("tensorflow_datasets")
+    from experiments import mnist_cnn
+    from jaxtrain.robustness import suite
+
+    workdir = str(tmp_path / "cifar_shaped")
+    assert mnist_cnn.main(["--workdir", workdir, "--dataset", "synthetic", "--synthetic-shape",
+                           "32,32,3", "--synthetic-size", "80", "--synthetic-classes", "10",
+                           "--model", "mlp", "--batch-size", "16", "--epochs", "1",
+                           *QUIET]) == 0
+
+    def suite_ran(*args, **kwargs):
+        raise AssertionError("the suite ran before the data check")
+
+    monkeypatch.setattr(suite, "evaluate_suite", suite_ran)
+    empty = tmp_path / "tfds"
+    empty.mkdir()
+    with pytest.raises(runner.RobustnessError,
+                       match=r"cifar10_corrupted/\w+_1 is not prepared in .*tfds build"):
+        runner.run_robustness(workdir, cifar10_corrupted=True, data_dir=str(empty),
+                              progress="none", compilation_cache="")

@@ -404,6 +404,8 @@ def test_cifar10_corrupted_errors(tmp_path, monkeypatch):
 
     with pytest.raises(S.RobustnessError, match=r"not prepared in .*tfds build cifar10_corrupted"):
         tfds_c.load_cifar10_corrupted("fog", (1,), data_dir=str(tmp_path))
+    with pytest.raises(S.RobustnessError, match=r"cifar10_corrupted/fog_2 is not prepared"):
+        tfds_c.check_prepared(("fog",), (2,), data_dir=str(tmp_path))
     with pytest.raises(S.RobustnessError, match="unknown cifar10_corrupted corruption 'rotation'"):
         tfds_c.load_cifar10_corrupted("rotation", (1,))
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed

@@ -298,6 +298,11 @@ def run_robustness(workdir: str, config: RobustnessConfig | None = None,
             f"--cifar10-corrupted needs a model of 32x32x3 images and 10 classes; this run is "
             f"{run.config.get('dataset')} {run.data['image_shape']} with "
             f"{run.data['num_classes']} classes")
+    data_dir = config.data_dir if config.data_dir is not None else run.config.get("data_dir")
+    if config.cifar10_corrupted:  # prepared? said now, not after the in-memory suite
+        from jaxtrain.robustness.tfds_c import check_prepared
+
+        check_prepared(severities=spec.severities, data_dir=data_dir)
     setup_compilation_cache(config.compilation_cache)
     strategy = create_strategy(config.parallel, config.devices)
     log = _logger(config.progress) if jax.process_index() == 0 else None
@@ -316,8 +321,7 @@ def run_robustness(workdir: str, config: RobustnessConfig | None = None,
         from jaxtrain.robustness.tfds_c import evaluate_cifar10_corrupted
 
         published = evaluate_cifar10_corrupted(
-            run.apply_fn, run.variables, severities=spec.severities, data_dir=config.data_dir
-            if config.data_dir is not None else run.config.get("data_dir"),
+            run.apply_fn, run.variables, severities=spec.severities, data_dir=data_dir,
             max_examples=config.max_examples, strategy=strategy, chunk_size=config.chunk_size,
             memory_budget_bytes=spec.memory_budget_bytes, fast_compile=fast, log=log)
     device = {"strategy": strategy.kind, "num_devices": strategy.num_devices,

@@ -80,6 +80,17 @@ def _source(tfds: Any, name: str, data_dir: str | None) -> Any:
         absl_logger.setLevel(level)
 
 
+def check_prepared(corruptions: Sequence[str] = CORRUPTIONS,
+                   severities: Sequence[int] = (1, 2, 3, 4, 5), *,
+                   data_dir: str | None = None) -> None:
+    """Raises ``RobustnessError`` (one line) unless every config is prepared: opens each
+    source (no examples read), so a missing one is reported before hours of evaluation."""
+    tfds = _tfds()
+    for name in check_corruptions(corruptions):
+        for s in severities:
+            _source(tfds, config_name(name, s), data_dir)
+
+
 def _read(source: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         records = source.__getitems__(list(range(n)))  # batched read: fast on array_record
