@@ -111,9 +111,10 @@ def load_tfds(name: str, data_dir: str | None = None) -> tuple[Split, Split, int
                 f"synthetic or a TFDS name such as {', '.join(TFDS_DATASETS)}"
             ) from None
         where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
-        wrong_format = isinstance(e, NotImplementedError) and os.path.isdir(
-            os.path.join(data_dir or "", name)
-        )
+        # files there (not just an empty folder, e.g. from a build that was interrupted)
+        folder = os.path.join(data_dir or "", name)
+        wrong_format = isinstance(e, NotImplementedError) and any(
+            files for _, _, files in os.walk(folder))
         what = (
             "is prepared in a format tfds.data_source cannot read (it needs array_record)"
             if wrong_format
@@ -277,7 +278,10 @@ def _permutation(n: int):
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Full training batches per epoch (the remainder reshuffles into the next epoch's order)."""
+    """Full training batches per epoch (the remainder reshuffles into the next epoch's order).
+    Raises ``DataError`` when there is not one (``batch_size`` < 1 or > ``n``)."""
+    if not 1 <= batch_size <= n:
+        raise DataError(f"a batch of {batch_size} needs 1 <= batch size <= the {n} examples")
     return n // batch_size
 
 

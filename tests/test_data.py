@@ -236,3 +236,11 @@ def test_augment_under_pmap_is_one_devices_augment_of_the_global_batch(n_dev):
 def test_load_dataset_refuses_splits_it_cannot_make(kwargs, message):
     with pytest.raises(data.DataError, match=message):
         data.load_dataset("digits", **kwargs)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 6])
+def test_no_full_batch_is_a_data_error_not_a_zero_division(batch_size):
+    with pytest.raises(data.DataError, match=f"a batch of {batch_size} needs"):
+        data.steps_per_epoch(5, batch_size)
+    with pytest.raises(data.DataError):
+        data.batch_indices(0, 0, 5, batch_size)

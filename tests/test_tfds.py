@@ -115,6 +115,9 @@ def test_missing_dataset_is_one_line_data_error(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg
     assert "--data-dir" in msg and "tfds build mnist" in msg and "array_record" in msg
+    (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)  # an interrupted build's empty folders
+    with pytest.raises(data.DataError, match="dataset 'mnist' is not prepared in"):
+        data.load_dataset("mnist", data_dir=str(tmp_path))
 
 
 def test_missing_dataset_cli_exits_2_with_one_line(tmp_path):
