@@ -139,6 +139,10 @@ def train_and_evaluate(
 
     # --- devices ---------------------------------------------------------------------
     # Joins a multi-process run (flags or SLURM / Open MPI) before anything touches a device.
+    if config.parallel == "none" and distributed.detect(
+        config.coordinator_address, config.num_processes, config.process_id
+    ):  # a SLURM / Open MPI group; refused before any process joins (see Config)
+        raise ConfigError("--parallel none cannot run across several processes")
     cpu_devices = resolve_cpu_devices(config, dataset.image_shape, resident)
     use_cpu_devices(cpu_devices, strict=bool(config.cpu_devices))
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)

@@ -189,6 +189,10 @@ BAD = [
     Bad("devices-negative", ("--devices", "-1"), "--devices must be >= 0, got -1"),
     Bad("devices-with-parallel-none", ("--devices", "2", "--parallel", "none"),
         "--parallel none runs on one device, but --devices 2 asks for more"),
+    Bad("parallel-none-across-processes",
+        ("--parallel", "none", "--num-processes", "2", "--process-id", "0",
+         "--coordinator-address", "127.0.0.1:1234"),
+        "--parallel none cannot run across several processes"),
     Bad("cpu-devices-negative", ("--cpu-devices", "-1"), "--cpu-devices must be >= 0, got -1"),
     Bad("cpu-devices-after-jax-started", ("--cpu-devices", "3"),
         "--cpu-devices 3 must be set before JAX starts (this process already has 8 CPU "

@@ -200,17 +200,29 @@ def _leaves(tree):
 
 
 def test_multi_process_rejects_what_cannot_span_processes(tmp_path):
-    """--parallel none (one device) cannot use two processes: exit 2, one line each."""
+    """--parallel none (one device) cannot use two processes: exit 2, one line each,
+    before any process joins. Joining first let process 0 leave while process 1
+    still ran; the coordination service then aborted process 1 (SIGABRT, -6)."""
     port = free_port()
-    commands = [[sys.executable, "-m", "experiments.digits_mlp", "--workdir",
-                 str(tmp_path / "run"), "--parallel", "none", "--compilation-cache", "",
-                 "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
-                 "--process-id", str(pid)] for pid in (0, 1)]
-    for r in run_all([(c, 2) for c in commands], timeout=300):
+    flags = [sys.executable, "-m", "experiments.digits_mlp", "--parallel", "none",
+             "--compilation-cache", ""]
+    commands = [flags + ["--workdir", str(tmp_path / "run"), "--coordinator-address",
+                         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
+                for pid in (0, 1)]
+    results = run_all([(c, 2) for c in commands], timeout=300)
+    # The same from a SLURM step of two tasks (no flags): refused in the loop, not Config.
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+             "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2",
+             "SLURM_LOCALID": "0", "SLURM_PROCID": "0", "JAX_COORDINATOR_PORT": str(port)}
+    results.append(subprocess.run(flags + ["--workdir", str(tmp_path / "slurm")], cwd=ROOT, check=False,
+                                  env={**cpu_env(2), **slurm}, capture_output=True, text=True,
+                                  timeout=300))
+    for r in results:
         assert r.returncode == 2, r.stderr[-3000:]
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert errors == ["error: --parallel none cannot run across several processes"]
         assert "Traceback" not in r.stderr
+    assert not (tmp_path / "slurm" / "config.json").exists()
 
 
 def cli_two_and_one(tmp_path: Path, *flags: str, module: str = "digits_mlp"
