@@ -3,6 +3,7 @@ matches, and ``metrics.jsonl`` cut back to it so the file reads as one run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ import jax
 
 from jaxtrain.checkpoint import Checkpointer, Restored, checkpoint_dir, set_aside
 from jaxtrain.config import ConfigError, TrainConfig
+from jaxtrain.writers import cannot_write
 
 
 def drop_records_after(path: str, step: int) -> None:
@@ -34,9 +36,14 @@ def drop_records_after(path: str, step: int) -> None:
 
     kept = [line for line in lines if keep(line)]
     if len(kept) != len(lines):
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        try:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        except OSError as e:  # a read-only or immutable file: one line, the file as it was
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+            raise cannot_write(path, e) from None
 
 
 def resume_point(config: TrainConfig, workdir: str, target: Any) -> Restored | None:

@@ -33,6 +33,11 @@ class WriterError(ValueError):
     """A writer that cannot be created as asked (message is one line)."""
 
 
+def cannot_write(path: str, error: OSError) -> WriterError:
+    """The one-line error for a file the run must write but cannot."""
+    return WriterError(f"cannot write {path}: {error.strerror or error}")
+
+
 class MetricWriter(Protocol):
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None: ...
 
@@ -83,7 +88,10 @@ class JsonlWriter:
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        try:
+            self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        except OSError as e:  # e.g. a file left read-only or immutable by a user
+            raise cannot_write(path, e) from None
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         record = {"step": int(step), "split": split,

@@ -244,3 +244,32 @@ def test_write_json_is_strict_and_atomic(tmp_path):
     assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {
         "a": None, "b": [0.5, None], "c": [0, 1], "d": True, "e": None}
     assert sorted(os.listdir(tmp_path)) == ["summary.json"]  # no .tmp left
+
+
+def test_metrics_files_that_cannot_be_written_are_one_line_errors(tmp_path, monkeypatch):
+    """A metrics.jsonl the run cannot append to, or cut back on resume, is a WriterError
+    (exit 2, one line) naming the file, not an OSError traceback; the file stays as it was."""
+    from jaxtrain.resume import drop_records_after
+    from jaxtrain.writers import JsonlWriter, WriterError
+
+    blocked = tmp_path / "metrics.jsonl"
+    blocked.mkdir()  # stands for a file left read-only or immutable (root ignores modes)
+    with pytest.raises(WriterError, match=r"^cannot write .*metrics.jsonl: Is a directory$"):
+        JsonlWriter(str(blocked))
+
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.parent.mkdir()
+    lines = ['{"step": 5, "split": "train"}\n', '{"step": 9, "split": "train"}\n']
+    path.write_text("".join(lines))
+
+    def refuse(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(WriterError, match=r"cannot write .*metrics.jsonl: Operation not permitted"):
+        drop_records_after(str(path), 6)
+    assert path.read_text() == "".join(lines)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.jsonl"]  # no .tmp left
+    monkeypatch.undo()
+    drop_records_after(str(path), 6)
+    assert path.read_text() == lines[0]
