@@ -311,6 +311,7 @@ class Checkpointer:
             out = self._manager.restore(step, args=ocp.args.Composite(**{STATE: state_args}))
             tree = jax.tree.map(np.asarray, out[STATE])
         except Exception as e:  # noqa: BLE001
+            _drop_closed_loop_callbacks()
             raise DamagedCheckpointError(step, _reason(e)) from None
         checksums = meta.get("checksums")
         if not isinstance(checksums, dict):
@@ -363,6 +364,41 @@ def _quiet_orbax():
         yield
     finally:
         logger.setLevel(level)
+
+
+def _is_closed_loop_callback(u: Any) -> bool:
+    """An asyncio ``call_soon_threadsafe`` on a closed loop: a read that finished after
+    a failed restore's event loop had ended."""
+    tb = u.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+            and tb is not None and "asyncio" in tb.tb_frame.f_code.co_filename)
+
+
+def _drop_closed_loop_callbacks() -> None:
+    """Silences what a failed Orbax restore leaves behind, for the rest of the process.
+
+    When one read of a damaged checkpoint fails, Orbax's restore ends its asyncio
+    loop while tensorstore's other reads are in flight. Each one that finishes
+    later (after the restore returned) calls ``call_soon_threadsafe`` on the closed
+    loop from a tensorstore thread, and Python prints an "Event loop is closed"
+    traceback through ``sys.unraisablehook``: 10-30 of them above the one-line
+    fallback warning. Only that exception, raised in asyncio, is dropped; anything
+    else goes to the previous hook. Installed once.
+    """
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(u: Any) -> None:
+        if not _is_closed_loop_callback(u):
+            previous(u)
+
+    hook.drops_closed_loop_callbacks = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _reason(e: BaseException) -> str:

@@ -197,6 +197,52 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, damage):
     assert _equal(found.tree, _tree(10))
 
 
+def _closed_loop_error() -> BaseException:
+    """What a tensorstore read finishing after a failed restore raises: asyncio's
+    ``call_soon_threadsafe`` on a closed loop."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        return e
+    raise AssertionError("call_soon_threadsafe on a closed loop did not raise")
+
+
+def test_a_failed_restore_leaves_no_closed_loop_tracebacks(tmp_path, monkeypatch):
+    """Reads still in flight when a damaged restore gives up call into its closed event
+    loop from tensorstore threads, after restore returned: Python printed 10-30 'Event
+    loop is closed' tracebacks above the fallback warning. Those (only those) are dropped."""
+    import sys
+    import types
+
+    workdir = str(tmp_path)
+    ckpt = Checkpointer(workdir)
+    _save(ckpt, 10)
+    ckpt.close()
+    _damage_data(workdir, 10, "truncate")
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    reader = Checkpointer(workdir, read_only=True)
+    with pytest.raises(DamagedCheckpointError):
+        reader.restore(10, _tree(0))
+    reader.close()
+
+    def unraisable(error):
+        return types.SimpleNamespace(exc_type=type(error), exc_value=error,
+                                     exc_traceback=error.__traceback__, err_msg=None,
+                                     object=None)
+
+    sys.unraisablehook(unraisable(_closed_loop_error()))
+    other = RuntimeError("Event loop is closed")  # raised elsewhere: still reported
+    sys.unraisablehook(unraisable(other))
+    unrelated = ValueError("something else")
+    sys.unraisablehook(unraisable(unrelated))
+    assert [u.exc_value for u in seen] == [other, unrelated]
+
+
 def test_values_that_differ_from_their_checksums_are_damage(tmp_path):
     """Bytes that still decode but changed (what a flipped bit in array data gives)."""
     ckpt = Checkpointer(str(tmp_path))
