@@ -115,6 +115,12 @@ class TrainConfig:
         }
     )
 
+    # Fields that may differ between the processes of one multi-process run (where each
+    # finds its data and cache, how it shows progress); every other one must be equal.
+    PROCESS_FIELDS: typing.ClassVar[frozenset[str]] = frozenset(
+        {"process_id", "coordinator_address", "data_dir", "compilation_cache", "progress"}
+    )
+
     def validate(self) -> TrainConfig:
         """Raises ``ConfigError`` on the first field of the wrong type or out of range;
         returns self.

@@ -37,8 +37,10 @@ Pure parsing lives in :func:`detect` (tests pass a fake environment); only
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import zlib
 from collections.abc import Mapping
 
 import jax
@@ -277,6 +279,40 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def differing(values: Mapping[str, object]) -> list[str]:
+    """Keys of ``values`` whose value is not the same on every process (sorted; ``[]``
+    for one process). Values are compared by a CRC32 of their JSON form, gathered over
+    processes. Call it at the same point on every process, with the same keys."""
+    if jax.process_count() == 1:
+        return []
+    from jax.experimental import multihost_utils
+
+    keys = sorted(values)
+    digests = np.array(
+        [zlib.crc32(json.dumps(values[k], sort_keys=True, default=str).encode()) >> 1
+         for k in keys], np.int32)  # >> 1: int32 travels through the gather
+    table = np.asarray(multihost_utils.process_allgather(digests)).reshape(-1, len(keys))
+    return [k for i, k in enumerate(keys) if np.any(table[:, i] != table[0, i])]
+
+
+def check_same_flags(config: object) -> None:
+    """Raises ``DistributedError`` naming the flags (fields of the dataclass ``config``,
+    but for its ``PROCESS_FIELDS``) that differ between processes; call it on every
+    process right after :func:`initialize`. Started with different flags, processes
+    run different programs and fail later in a collective (gloo: "Received data size
+    doesn't match expected size") or wait in one for good."""
+    local = getattr(config, "PROCESS_FIELDS", frozenset())
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name not in local}
+    if differ := differing(values):
+        flags = ", ".join("--" + name.replace("_", "-") for name in differ)
+        free = ", ".join("--" + name.replace("_", "-") for name in sorted(local))
+        raise DistributedError(
+            f"the processes were started with different {flags}; start every process "
+            f"with the same flags (only {free} may differ)"
+        )
 
 
 def agree_min(value: int) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxtrain import data as data_lib
 from jaxtrain import distributed
-from jaxtrain.checkpoint import Checkpointer, snapshot, state_tree
+from jaxtrain.checkpoint import Checkpointer, checkpoint_dir, snapshot, state_tree
 from jaxtrain.config import ConfigError, TrainConfig, check_paths
 from jaxtrain.cpu_devices import (
     local_cpu_device_count,
@@ -146,6 +146,7 @@ def train_and_evaluate(
     cpu_devices = resolve_cpu_devices(config, dataset.image_shape, resident)
     use_cpu_devices(cpu_devices, strict=bool(config.cpu_devices))
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+    distributed.check_same_flags(config)
     is_main = jax.process_index() == 0
     strategy = create_strategy(config.parallel, config.devices)
     if seeds_on_auto_devices(config, cpu_devices, strategy):
@@ -187,6 +188,7 @@ def train_and_evaluate(
     # Checkpoints are numbered by data position (batches consumed); that equals
     # state.step (optimizer steps, which key per-step randomness) until a rollback.
     base_key = step_keys(seeds)
+    check_shared_workdir(workdir)
     resumed = resume_point(config, workdir, {**state_tree(host_state), "rng": base_key})
     # Every process has looked for checkpoints before any creates the folder below.
     distributed.sync("jaxtrain:resume-point")
@@ -407,6 +409,21 @@ def train_and_evaluate(
     if is_main:
         write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
+
+
+def check_shared_workdir(workdir: str) -> None:
+    """Raises ``ConfigError`` when the processes see different checkpoint folders in
+    ``workdir`` (each host's own disk rather than one shared folder). Resuming, they
+    would part ways in Orbax's first barrier and wait there for good."""
+    directory = checkpoint_dir(workdir)
+    entries = sorted(os.listdir(directory)) if os.path.isdir(directory) else None
+    if distributed.differing({"checkpoints": entries}):
+        seen = (f"{len(entries)} item{'s' * (len(entries) != 1)} in checkpoints/"
+                if entries is not None else "no checkpoints/ folder")
+        raise ConfigError(
+            f"the processes see different checkpoints in --workdir {workdir} (process "
+            f"{jax.process_index()}: {seen}); it must be one folder that every process shares"
+        )
 
 
 def finished_summary(workdir: str, total_steps: int) -> dict[str, Any] | None:

@@ -100,6 +100,20 @@ def failing_worker(process_id: int, port: int) -> None:
     sys.exit(cli.run(TrainConfig, TrainConfig(), [], prog="worker", body=body))
 
 
+def workdir_worker(workdir: str, process_id: int, port: int) -> None:
+    """``loop.check_shared_workdir`` in a 2-process CLI body where each process passes
+    its own folder (as a workdir on each host's own disk would be)."""
+    from jaxtrain import cli, distributed
+    from jaxtrain.config import TrainConfig
+    from jaxtrain.loop import check_shared_workdir
+
+    def body(config):
+        distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
+        check_shared_workdir(workdir)
+
+    sys.exit(cli.run(TrainConfig, TrainConfig(), [], prog="worker", body=body))
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -199,30 +213,61 @@ def _leaves(tree):
     return jax.tree.leaves(tree)
 
 
-def test_multi_process_rejects_what_cannot_span_processes(tmp_path):
-    """--parallel none (one device) cannot use two processes: exit 2, one line each,
-    before any process joins. Joining first let process 0 leave while process 1
-    still ran; the coordination service then aborted process 1 (SIGABRT, -6)."""
+def pair(flags: list[str], port: int, extra: tuple[list[str], list[str]] = ([], [])
+         ) -> list[tuple[list[str], int]]:
+    """The two processes (2 fake devices each) of a digits-MLP CLI run on ``port``."""
+    return [([sys.executable, "-m", "experiments.digits_mlp", "--compilation-cache", "",
+              *flags, *extra[pid], "--coordinator-address", f"127.0.0.1:{port}",
+              "--num-processes", "2", "--process-id", str(pid)], 2) for pid in (0, 1)]
+
+
+def test_multi_process_bad_input_exits_2_on_every_process(tmp_path):
+    """Bad input in a multi-process run: every process exits 2 with the same one line,
+    no traceback and no SIGABRT. Run together on purpose (8 processes on 2 cores):
+    - --parallel none is refused before any process joins (from flags, and from a
+      SLURM step in the loop, where no flag says "2 processes");
+    - a batch that does not split over the 4 devices of both processes and flags that
+      differ between the processes are found only after they join. Leaving then,
+      process 0 ended the coordination service while process 1 still ran, and JAX
+      aborted process 1 (SIGABRT, -6, "Terminating process because the JAX
+      distributed service detected fatal errors"): 2 of 22 tries under load.
+    - a --workdir that is not one shared folder (each process passes its own here)."""
+    none, batch, differ = (pair(["--workdir", str(tmp_path / name), *flags], free_port(), extra)
+                           for name, flags, extra in [
+                               ("none", ["--parallel", "none"], ([], [])),
+                               ("batch", ["--batch-size", "62"], ([], [])),
+                               ("differ", ["--epochs", "2"], ([], ["--lr", "0.01", "--seed", "1"]))])
     port = free_port()
-    flags = [sys.executable, "-m", "experiments.digits_mlp", "--parallel", "none",
-             "--compilation-cache", ""]
-    commands = [flags + ["--workdir", str(tmp_path / "run"), "--coordinator-address",
-                         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
-                for pid in (0, 1)]
-    results = run_all([(c, 2) for c in commands], timeout=300)
+    (tmp_path / "own0" / "checkpoints" / "10").mkdir(parents=True)
+    (tmp_path / "own1").mkdir()
+    own = [([sys.executable, __file__, "workdir-worker", str(tmp_path / f"own{pid}"), str(pid),
+             str(port)], 1) for pid in (0, 1)]
+    results = run_all(none + batch + differ + own, timeout=300)
     # The same from a SLURM step of two tasks (no flags): refused in the loop, not Config.
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
              "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2",
              "SLURM_LOCALID": "0", "SLURM_PROCID": "0", "JAX_COORDINATOR_PORT": str(port)}
-    results.append(subprocess.run(flags + ["--workdir", str(tmp_path / "slurm")], cwd=ROOT, check=False,
-                                  env={**cpu_env(2), **slurm}, capture_output=True, text=True,
-                                  timeout=300))
-    for r in results:
+    slurm_run = subprocess.run(none[0][0][:-6] + ["--workdir", str(tmp_path / "slurm")],
+                               cwd=ROOT, check=False, env={**cpu_env(2), **slurm},
+                               capture_output=True, text=True, timeout=300)
+    single = "--parallel none cannot run across several processes"
+    split = ("--batch-size 62 does not split evenly over 4 device(s) in 2 process(es) "
+             "(needs a multiple of 4); nearest valid: 60, 64")
+    flags = ("the processes were started with different --lr, --seed; start every process "
+             "with the same flags (only --compilation-cache, --coordinator-address, "
+             "--data-dir, --process-id, --progress may differ)")
+    shared = ("the processes see different checkpoints in --workdir {} (process {}); "
+              "it must be one folder that every process shares")
+    expected = [single, single, split, split, flags, flags,
+                shared.format(tmp_path / "own0", "0: 1 item in checkpoints/"),
+                shared.format(tmp_path / "own1", "1: no checkpoints/ folder"), single]
+    for r, message in zip([*results, slurm_run], expected, strict=True):
         assert r.returncode == 2, r.stderr[-3000:]
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-        assert errors == ["error: --parallel none cannot run across several processes"]
+        assert errors == [f"error: {message}"], r.stderr[-3000:]
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "slurm" / "config.json").exists()
+    assert not (tmp_path / "differ" / "config.json").exists()
 
 
 def cli_two_and_one(tmp_path: Path, *flags: str, module: str = "digits_mlp"
@@ -530,3 +575,5 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker(out_dir, kind_arg, int(n_arg), int(pid_arg), int(port_arg))
 if __name__ == "__main__" and sys.argv[1:2] == ["failing-worker"]:
     failing_worker(int(sys.argv[2]), int(sys.argv[3]))
+if __name__ == "__main__" and sys.argv[1:2] == ["workdir-worker"]:
+    workdir_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
