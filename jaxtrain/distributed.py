@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import zlib
 from collections.abc import Mapping
 
@@ -247,6 +248,11 @@ def initialize(
     if group is None:
         return None
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # A peer that failed before joining never tells: JAX waits out the timeout silently,
+    # then aborts (a C++ trace of RegisterTask's DEADLINE_EXCEEDED). Say what is awaited.
+    print(f"process {group.process_id} of {group.num_processes}: joining at "
+          f"{group.coordinator_address} (waits up to {timeout_s} s for every process)",
+          file=sys.stderr, flush=True)
     try:
         jax.distributed.initialize(
             coordinator_address=group.coordinator_address,

@@ -81,3 +81,17 @@ class PreemptionGuard:
               "boundary, then exiting (send it again to exit at once)", file=sys.stderr, flush=True)
         if self.synced:  # to JAX's preemption notifier, which tells every process
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def sigterm_ends_the_process() -> None:
+    """Gives SIGTERM its default action (the process ends at once, status 143) in a
+    multi-process run, for work after training that has nothing to save.
+
+    ``jax.distributed`` hands SIGTERM to JAX's preemption notifier, which only
+    records it for the next sync point; after the loop none comes, so a signal during
+    the robustness suite was ignored (both processes ran on ~55 s to exit 0, where one
+    process exits at once; a scheduler's grace period ends in SIGKILL). Call it from
+    the main thread when no training follows in this process: Python cannot put the
+    notifier's handler back."""
+    if jax.process_count() > 1 and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

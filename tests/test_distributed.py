@@ -114,6 +114,27 @@ def workdir_worker(workdir: str, process_id: int, port: int) -> None:
     sys.exit(cli.run(TrainConfig, TrainConfig(), [], prog="worker", body=body))
 
 
+def sigterm_worker(process_id: int, port: int) -> None:
+    """Joins 2 processes; process 1 calls ``sigterm_ends_the_process`` and sends itself
+    SIGTERM, which must end it (JAX's preemption notifier otherwise only records it)."""
+    import signal
+    import time
+
+    from jaxtrain import distributed
+    from jaxtrain.preemption import sigterm_ends_the_process
+
+    distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
+    distributed.sync("jaxtrain-test:joined")
+    if process_id == 1:
+        sigterm_ends_the_process()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        print("still running after SIGTERM", flush=True)
+        os._exit(0)
+    time.sleep(2)  # process 0 hosts the coordinator: leave after process 1 is gone
+    os._exit(0)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -268,6 +289,16 @@ def test_multi_process_bad_input_exits_2_on_every_process(tmp_path):
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "slurm" / "config.json").exists()
     assert not (tmp_path / "differ" / "config.json").exists()
+
+
+def test_sigterm_after_training_ends_a_multi_process_run_at_once():
+    """After training (the robustness suite) SIGTERM ends a process of a multi-process
+    run at once, as it does a single process; JAX's notifier swallowed it before."""
+    port = free_port()
+    results = run_all([([sys.executable, __file__, "sigterm-worker", str(pid), str(port)], 1)
+                       for pid in (0, 1)], timeout=120)
+    assert results[1].returncode == -signal.SIGTERM, results[1].stdout + results[1].stderr[-2000:]
+    assert results[0].returncode == 0, results[0].stderr[-2000:]
 
 
 def cli_two_and_one(tmp_path: Path, *flags: str, module: str = "digits_mlp"
@@ -577,3 +608,5 @@ if __name__ == "__main__" and sys.argv[1:2] == ["failing-worker"]:
     failing_worker(int(sys.argv[2]), int(sys.argv[3]))
 if __name__ == "__main__" and sys.argv[1:2] == ["workdir-worker"]:
     workdir_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+if __name__ == "__main__" and sys.argv[1:2] == ["sigterm-worker"]:
+    sigterm_worker(int(sys.argv[2]), int(sys.argv[3]))

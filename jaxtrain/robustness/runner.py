@@ -361,6 +361,9 @@ def train_then_robustness(config: TrainConfig) -> dict[str, Any]:
     if getattr(config, "robustness", False) and not config.dry_run:  # nothing was trained
         parallel = config.parallel if config.parallel in ("auto", "none", "mesh") else "auto"
         progress = "none" if config.progress == "none" else "log"
+        from jaxtrain.preemption import sigterm_ends_the_process
+
+        sigterm_ends_the_process()  # the suite saves nothing: SIGTERM exits, as on one process
         t0 = time.perf_counter()
         figures = run_robustness(
             config.workdir, TRAIN_SUITE, parallel=parallel, devices=config.devices, data_dir=config.data_dir,
