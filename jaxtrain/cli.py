@@ -169,7 +169,7 @@ def _every_process_failed_alike() -> bool:
     some of them (the batch over the global device count, the flags compared between
     processes) only after the processes joined. Process 0 hosts the coordination
     service; when it left first, the others aborted with SIGABRT and a C++ trace
-    instead of exiting 2 (2 of 22 tries in an audit, two runs at once on 2 cores).
+    instead of exiting 2 (2 of 22 tries in an audit).
     Meeting here first lets them all leave through JAX's shutdown, which ends the
     service last. ``jax._src``: jax has no public handle on its coordination client."""
     try:
