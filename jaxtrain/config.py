@@ -175,10 +175,6 @@ class TrainConfig:
         if self.parallel == "none" and self.devices > 1:
             raise ConfigError(f"--parallel none runs on one device, but --devices {self.devices} "
                               "asks for more (use --parallel auto, mesh or pmap)")
-        if self.parallel == "none" and (self.num_processes or 1) > 1:
-            # Before jax.distributed starts: a process leaving after it starts takes
-            # the coordination service down and the others abort (SIGABRT), not exit 2.
-            raise ConfigError("--parallel none cannot run across several processes")
         if self.steps_per_call > 1 and self.num_seeds > 1:
             raise ConfigError("--steps-per-call > 1 runs one seed only; use --num-seeds 1 "
                               "or --steps-per-call 1")

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxtrain import data as data_lib
 from jaxtrain import distributed
-from jaxtrain.checkpoint import Checkpointer, checkpoint_dir, snapshot, state_tree
+from jaxtrain.checkpoint import Checkpointer, snapshot, state_tree
 from jaxtrain.config import ConfigError, TrainConfig, check_paths
 from jaxtrain.cpu_devices import (
     local_cpu_device_count,
@@ -44,7 +44,7 @@ from jaxtrain.fusing import (
 )
 from jaxtrain.manifest import build_manifest
 from jaxtrain.nonfinite import NonFiniteError, TrainWindow, nonfinite_message
-from jaxtrain.parallel import create_strategy, prefetch
+from jaxtrain.parallel import check_processes, create_strategy, prefetch
 from jaxtrain.preemption import Preempted, PreemptionGuard
 from jaxtrain.profiling import StepProfiler
 from jaxtrain.program import (
@@ -54,7 +54,7 @@ from jaxtrain.program import (
     setup_compilation_cache,
     step_keys,
 )
-from jaxtrain.resume import drop_records_after, resume_point
+from jaxtrain.resume import check_shared_workdir, drop_records_after, resume_point
 from jaxtrain.saving import Saves
 from jaxtrain.seeds import check_seed_strategy, compile_seeded, seed_list, vmap_eval
 from jaxtrain.steps import eval_step
@@ -139,10 +139,9 @@ def train_and_evaluate(
 
     # --- devices ---------------------------------------------------------------------
     # Joins a multi-process run (flags or SLURM / Open MPI) before anything touches a device.
-    if config.parallel == "none" and distributed.detect(
-        config.coordinator_address, config.num_processes, config.process_id
-    ):  # a SLURM / Open MPI group; refused before any process joins (see Config)
-        raise ConfigError("--parallel none cannot run across several processes")
+    group = distributed.detect(config.coordinator_address, config.num_processes,
+                               config.process_id)  # flags or SLURM / Open MPI
+    check_processes(config.parallel, group.num_processes if group else 1)
     cpu_devices = resolve_cpu_devices(config, dataset.image_shape, resident)
     use_cpu_devices(cpu_devices, strict=bool(config.cpu_devices))
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
@@ -409,21 +408,6 @@ def train_and_evaluate(
     if is_main:
         write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
-
-
-def check_shared_workdir(workdir: str) -> None:
-    """Raises ``ConfigError`` when the processes see different checkpoint folders in
-    ``workdir`` (each host's own disk rather than one shared folder). Resuming, they
-    would part ways in Orbax's first barrier and wait there for good."""
-    directory = checkpoint_dir(workdir)
-    entries = sorted(os.listdir(directory)) if os.path.isdir(directory) else None
-    if distributed.differing({"checkpoints": entries}):
-        seen = (f"{len(entries)} item{'s' * (len(entries) != 1)} in checkpoints/"
-                if entries is not None else "no checkpoints/ folder")
-        raise ConfigError(
-            f"the processes see different checkpoints in --workdir {workdir} (process "
-            f"{jax.process_index()}: {seen}); it must be one folder that every process shares"
-        )
 
 
 def finished_summary(workdir: str, total_steps: int) -> dict[str, Any] | None:

@@ -253,9 +253,16 @@ def create_strategy(kind: str = "auto", num_devices: int = 0) -> Strategy:
         kind = "mesh" if len(devices) > 1 else "none"
     if kind == "none" and len(devices) > 1:
         devices = devices[:1]
-    if kind == "none" and jax.process_count() > 1:
-        raise ParallelError("--parallel none cannot run across several processes")
+    check_processes(kind, jax.process_count())
     return Strategy(kind, tuple(devices))
+
+
+def check_processes(kind: str, processes: int) -> None:
+    """Raises ``ParallelError`` when strategy ``kind`` cannot span ``processes``. The loop
+    calls it before the processes join (a process leaving after they joined could take
+    JAX's coordination service down under the others); ``create_strategy`` after."""
+    if kind == "none" and processes > 1:
+        raise ParallelError("--parallel none cannot run across several processes")
 
 
 def prefetch(

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 
+from jaxtrain import distributed
 from jaxtrain.checkpoint import Checkpointer, Restored, checkpoint_dir, set_aside
 from jaxtrain.config import ConfigError, TrainConfig
 from jaxtrain.writers import cannot_write
@@ -44,6 +45,21 @@ def drop_records_after(path: str, step: int) -> None:
             with contextlib.suppress(OSError):
                 os.remove(path + ".tmp")
             raise cannot_write(path, e) from None
+
+
+def check_shared_workdir(workdir: str) -> None:
+    """Raises ``ConfigError`` when the processes see different checkpoint folders in
+    ``workdir`` (each host's own disk rather than one shared folder). Resuming, they
+    would part ways in Orbax's first barrier and wait there for good."""
+    directory = checkpoint_dir(workdir)
+    entries = sorted(os.listdir(directory)) if os.path.isdir(directory) else None
+    if distributed.differing({"checkpoints": entries}):
+        seen = (f"{len(entries)} item{'s' * (len(entries) != 1)} in checkpoints/"
+                if entries is not None else "no checkpoints/ folder")
+        raise ConfigError(
+            f"the processes see different checkpoints in --workdir {workdir} (process "
+            f"{jax.process_index()}: {seen}); it must be one folder that every process shares"
+        )
 
 
 def resume_point(config: TrainConfig, workdir: str, target: Any) -> Restored | None:

@@ -101,11 +101,11 @@ def failing_worker(process_id: int, port: int) -> None:
 
 
 def workdir_worker(workdir: str, process_id: int, port: int) -> None:
-    """``loop.check_shared_workdir`` in a 2-process CLI body where each process passes
+    """``resume.check_shared_workdir`` in a 2-process CLI body where each process passes
     its own folder (as a workdir on each host's own disk would be)."""
     from jaxtrain import cli, distributed
     from jaxtrain.config import TrainConfig
-    from jaxtrain.loop import check_shared_workdir
+    from jaxtrain.resume import check_shared_workdir
 
     def body(config):
         distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
