@@ -29,6 +29,7 @@ import math
 import operator
 import os
 import shutil
+import sys
 import threading
 import warnings
 import zlib
@@ -387,8 +388,6 @@ def _drop_closed_loop_callbacks() -> None:
     fallback warning. Only that exception, raised in asyncio, is dropped; anything
     else goes to the previous hook. Installed once.
     """
-    import sys
-
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_callbacks", False):
         return
