@@ -321,6 +321,20 @@ def check_same_flags(config: object) -> None:
         )
 
 
+def from_process_0(text: str, size: int = 1024) -> str:
+    """Process 0's ``text`` on every process (at most ``size`` UTF-8 bytes; ``text`` itself
+    for one process). Call it at the same point on every process."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    data = np.zeros(size, np.uint8)
+    raw = text.encode()[:size]
+    data[:len(raw)] = np.frombuffer(raw, np.uint8)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(data), np.uint8)
+    return got.tobytes().rstrip(b"\0").decode(errors="replace")
+
+
 def agree_min(value: int) -> int:
     """The smallest ``value`` over all processes (each may measure its own, e.g. free
     memory); ``value`` itself for one process. Call it at the same point on every process.

@@ -8,6 +8,7 @@ the exit status and the absence of a traceback end to end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -26,7 +27,7 @@ import numpy as np
 import pytest
 
 from experiments import digits_mlp
-from jaxtrain import cli, models
+from jaxtrain import cli, models, workdir_lock
 from jaxtrain import data as data_lib
 from jaxtrain.config import ConfigError, TrainConfig
 
@@ -114,7 +115,7 @@ class Bad:
     id: str
     argv: tuple[str, ...]
     message: str | tuple[str, ...]  # part(s) of the one error line (no paths)
-    workdir: str = "finished"  # finished | notes | file | under-file | proc
+    workdir: str = "finished"  # finished | busy | notes | file | under-file | proc
     patch: Callable | None = None
     tfds: bool = False  # the message comes from TFDS itself (skipped where it is not installed)
 
@@ -211,6 +212,8 @@ BAD = [
     Bad("workdir-under-a-file", (), "cannot be created:", workdir="under-file"),
     Bad("workdir-not-writable", (), "is not writable (cannot create a file in /proc",
         workdir="proc"),
+    Bad("workdir-in-use", (), ("--workdir", "is in use by another run (pid", "started",
+                               "; wait for it to end or use another --workdir"), workdir="busy"),
     Bad("compilation-cache-not-writable", ("--compilation-cache", "/proc/jaxtrain-xla"),
         "(pass --compilation-cache '' to run without it)"),
     # --- checkpoints
@@ -224,7 +227,7 @@ BAD = [
 
 
 def _workdir(case: Bad, tmp_path: Path, finished_run: Path) -> Path:
-    if case.workdir == "finished":
+    if case.workdir in ("finished", "busy"):  # busy: the test holds its lock meanwhile
         workdir = tmp_path / "run"
         shutil.copytree(finished_run, workdir)
     elif case.workdir == "notes":
@@ -250,12 +253,14 @@ def test_bad_input(case: Bad, tmp_path, finished_run, monkeypatch, capsys, caplo
         case.patch(monkeypatch)
     workdir = _workdir(case, tmp_path, finished_run)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in case.argv]
-    before = tree_hash(workdir)
-    capsys.readouterr()
+    with _held(case, workdir):
+        before = tree_hash(workdir)
+        capsys.readouterr()
 
-    status = digits_mlp.main([*BASE, *argv, "--workdir", str(workdir)])
+        status = digits_mlp.main([*BASE, *argv, "--workdir", str(workdir)])
 
-    out, err = capsys.readouterr()
+        out, err = capsys.readouterr()
+        after = tree_hash(workdir)
     lines = [line for line in err.splitlines() if line.strip()]
     assert status == 2, err
     assert "Traceback" not in err
@@ -264,7 +269,13 @@ def test_bad_input(case: Bad, tmp_path, finished_run, monkeypatch, capsys, caplo
     assert out == ""
     # Library log records (absl, orbax) reach stderr in a real process: none may appear.
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
-    assert tree_hash(workdir) == before, "the workdir changed"
+    assert after == before, "the workdir changed"
+
+
+def _held(case: Bad, workdir: Path):
+    """The lock of another run on ``workdir`` for a ``busy`` case (this process holds it:
+    flock refuses a second open file even in the same process)."""
+    return workdir_lock.hold(str(workdir)) if case.workdir == "busy" else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- subprocesses
@@ -278,20 +289,23 @@ def _python(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("case_id", ["lr-nan", "batch-not-divisible", "workdir-is-a-file"])
+@pytest.mark.parametrize("case_id", ["lr-nan", "batch-not-divisible", "workdir-is-a-file",
+                                     "workdir-in-use"])
 def test_bad_input_in_a_real_process(case_id, tmp_path):
     case = next(c for c in BAD if c.id == case_id)
     workdir = _workdir(case, tmp_path, finished_run=tmp_path)  # no finished run needed
-    if case.workdir == "finished":
+    if case.workdir in ("finished", "busy"):
         workdir.mkdir(exist_ok=True)
         (workdir / "notes.txt").write_text("keep\n")
-    before = tree_hash(workdir)
-    proc = _python("-m", "experiments.digits_mlp", *BASE, *case.argv, "--workdir", str(workdir))
+    with _held(case, workdir):
+        before = tree_hash(workdir)
+        proc = _python("-m", "experiments.digits_mlp", *BASE, *case.argv, "--workdir",
+                       str(workdir))
+        assert tree_hash(workdir) == before
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert all(part in lines[0] for part in case.parts), lines[0]
-    assert tree_hash(workdir) == before
 
 
 def test_unexpected_failure_in_a_real_process_exits_1_with_traceback(tmp_path):

@@ -252,18 +252,25 @@ def test_multi_process_bad_input_exits_2_on_every_process(tmp_path):
       process 0 ended the coordination service while process 1 still ran, and JAX
       aborted process 1 (SIGABRT, -6, "Terminating process because the JAX
       distributed service detected fatal errors"): 2 of 22 tries under load.
-    - a --workdir that is not one shared folder (each process passes its own here)."""
-    none, batch, differ = (pair(["--workdir", str(tmp_path / name), *flags], free_port(), extra)
-                           for name, flags, extra in [
-                               ("none", ["--parallel", "none"], ([], [])),
-                               ("batch", ["--batch-size", "62"], ([], [])),
-                               ("differ", ["--epochs", "2"], ([], ["--lr", "0.01", "--seed", "1"]))])
+    - a --workdir that is not one shared folder (each process passes its own here);
+    - a --workdir that another run holds (process 0 finds its lock, process 1 is told)."""
+    from jaxtrain import workdir_lock
+
+    none, batch, differ, busy = (
+        pair(["--workdir", str(tmp_path / name), *flags], free_port(), extra)
+        for name, flags, extra in [
+            ("none", ["--parallel", "none"], ([], [])),
+            ("batch", ["--batch-size", "62"], ([], [])),
+            ("differ", ["--epochs", "2"], ([], ["--lr", "0.01", "--seed", "1"])),
+            ("busy", [], ([], []))])
     port = free_port()
     (tmp_path / "own0" / "checkpoints" / "10").mkdir(parents=True)
     (tmp_path / "own1").mkdir()
     own = [([sys.executable, __file__, "workdir-worker", str(tmp_path / f"own{pid}"), str(pid),
              str(port)], 1) for pid in (0, 1)]
-    results = run_all(none + batch + differ + own, timeout=300)
+    with workdir_lock.hold(str(tmp_path / "busy")):  # "another run" holds it meanwhile
+        holder = json.loads((tmp_path / "busy" / workdir_lock.LOCK_NAME).read_text())
+        results = run_all(none + batch + differ + own + busy, timeout=300)
     # The same from a SLURM step of two tasks (no flags): refused in the loop, not Config.
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
              "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2",
@@ -279,9 +286,13 @@ def test_multi_process_bad_input_exits_2_on_every_process(tmp_path):
              "--data-dir, --process-id, --progress may differ)")
     shared = ("the processes see different checkpoints in --workdir {} (process {}); "
               "it must be one folder that every process shares")
+    in_use = (f"--workdir {tmp_path / 'busy'} is in use by another run (pid {holder['pid']} "
+              f"on {holder['host']}, started {holder['started']}); wait for it to end or use "
+              "another --workdir")
     expected = [single, single, split, split, flags, flags,
                 shared.format(tmp_path / "own0", "0: 1 item in checkpoints/"),
-                shared.format(tmp_path / "own1", "1: no checkpoints/ folder"), single]
+                shared.format(tmp_path / "own1", "1: no checkpoints/ folder"),
+                in_use, in_use, single]
     for r, message in zip([*results, slurm_run], expected, strict=True):
         assert r.returncode == 2, r.stderr[-3000:]
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -289,6 +300,7 @@ def test_multi_process_bad_input_exits_2_on_every_process(tmp_path):
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "slurm" / "config.json").exists()
     assert not (tmp_path / "differ" / "config.json").exists()
+    assert os.listdir(tmp_path / "busy") == []  # the lock went with its holder; nothing else
 
 
 def test_sigterm_after_training_ends_a_multi_process_run_at_once():

@@ -362,18 +362,21 @@ def train_then_robustness(config: TrainConfig) -> dict[str, Any]:
         parallel = config.parallel if config.parallel in ("auto", "none", "mesh") else "auto"
         progress = "none" if config.progress == "none" else "log"
         from jaxtrain.preemption import sigterm_ends_the_process
+        from jaxtrain.workdir_lock import hold
 
         sigterm_ends_the_process()  # the suite saves nothing: SIGTERM exits, as on one process
         t0 = time.perf_counter()
-        figures = run_robustness(
-            config.workdir, TRAIN_SUITE, parallel=parallel, devices=config.devices, data_dir=config.data_dir,
-            progress=progress, compilation_cache=config.compilation_cache)
-        figures["wall_seconds"] = time.perf_counter() - t0
-        summary["robustness"] = figures
-        path = os.path.join(os.path.abspath(config.workdir), "summary.json")
-        if jax.process_index() == 0 and os.path.isfile(path):
-            with open(path) as f:
-                on_disk = json.load(f)
-            on_disk["robustness"] = figures
-            write_json(path, on_disk)
+        with hold(config.workdir):  # taken again: no other run starts in it meanwhile
+            figures = run_robustness(
+                config.workdir, TRAIN_SUITE, parallel=parallel, devices=config.devices,
+                data_dir=config.data_dir, progress=progress,
+                compilation_cache=config.compilation_cache)
+            figures["wall_seconds"] = time.perf_counter() - t0
+            summary["robustness"] = figures
+            path = os.path.join(os.path.abspath(config.workdir), "summary.json")
+            if jax.process_index() == 0 and os.path.isfile(path):
+                with open(path) as f:
+                    on_disk = json.load(f)
+                on_disk["robustness"] = figures
+                write_json(path, on_disk)
     return summary

@@ -1,0 +1,167 @@
+"""One run at a time in a workdir (``jaxtrain.workdir_lock``): the second is refused
+naming the first, the lock goes with its holder however it ends, and a refused or
+failed run leaves the workdir as it found it."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments import digits_mlp
+from jaxtrain import workdir_lock
+from jaxtrain.config import ConfigError
+from jaxtrain.workdir_lock import LOCK_NAME, WorkdirBusy, hold
+
+
+def test_held_lock_names_its_holder_and_goes_when_released(tmp_path):
+    workdir = tmp_path / "new" / "run"
+    with hold(str(workdir)):
+        info = json.loads((workdir / LOCK_NAME).read_text())
+        assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+        assert info["started"].endswith(" UTC") and info["argv"] == sys.argv
+    assert workdir.is_dir() and os.listdir(workdir) == []  # the workdir stays, the lock goes
+
+
+def test_a_second_run_is_refused_and_changes_nothing(tmp_path):
+    with hold(str(tmp_path)):
+        content = (tmp_path / LOCK_NAME).read_bytes()
+        info = json.loads(content)
+        for _ in range(2):  # refused, and the first still holds it after the refusal
+            with pytest.raises(WorkdirBusy) as e, hold(str(tmp_path)):
+                pytest.fail("a second hold entered the block")
+            assert str(e.value) == (
+                f"--workdir {tmp_path} is in use by another run (pid {info['pid']} on "
+                f"{info['host']}, started {info['started']}); wait for it to end or use "
+                "another --workdir")
+            assert (tmp_path / LOCK_NAME).read_bytes() == content
+    assert isinstance(e.value, ConfigError)  # bad input: exit status 2
+    with hold(str(tmp_path)):  # free again
+        pass
+
+
+def test_a_failed_run_removes_the_workdir_it_made_but_not_one_it_found(tmp_path):
+    made, found = tmp_path / "made", tmp_path / "found"
+    found.mkdir()
+    for workdir in (made, found):
+        with pytest.raises(RuntimeError), hold(str(workdir)):
+            raise RuntimeError("the run failed")
+    assert not made.exists()
+    assert found.is_dir() and os.listdir(found) == []
+    with pytest.raises(RuntimeError), hold(str(made)):  # it wrote something: kept
+        (made / "metrics.jsonl").write_text("{}\n")
+        raise RuntimeError("the run failed")
+    assert os.listdir(made) == ["metrics.jsonl"]
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    """SIGKILL leaves ``run.lock`` behind; the kernel dropped its lock, so the next run
+    takes it over and writes its own name in it."""
+    script = ("import sys, time\nfrom jaxtrain.workdir_lock import hold\n"
+              "with hold(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(WorkdirBusy, match=f"pid {proc.pid} on"), hold(str(tmp_path)):
+            pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == proc.pid  # left behind
+    with hold(str(tmp_path)):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_a_lock_file_removed_while_taking_it_is_not_trusted(tmp_path, monkeypatch):
+    """The holder before us removes ``run.lock`` as it lets go: a lock taken on the file
+    it removed would hold nothing (a third run creates a new file and locks that), so
+    the lock is taken again on the file at the path."""
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_the_holder_left(fd, op):
+        calls.append(op)
+        if len(calls) == 1:  # between our open and our flock, the holder let go
+            os.remove(tmp_path / LOCK_NAME)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(workdir_lock.fcntl, "flock", flock_after_the_holder_left)
+    lock = workdir_lock._Lock(str(tmp_path))
+    assert lock.acquire() is None
+    try:
+        assert len(calls) == 2
+        assert os.fstat(lock.fd).st_ino == os.stat(tmp_path / LOCK_NAME).st_ino
+    finally:
+        lock.release(failed=False)
+
+
+def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(workdir_lock.fcntl, "flock", no_locks)
+    with hold(str(tmp_path)):
+        pass
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {tmp_path / LOCK_NAME} cannot be locked on this file "
+                          "system (No locks available); nothing stops a second run")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_unwritable_lock_is_one_line_bad_input(tmp_path):
+    (tmp_path / LOCK_NAME).mkdir()  # a folder where the lock file goes
+    line = f"^cannot write {re.escape(str(tmp_path / LOCK_NAME))}: Is a directory$"
+    with pytest.raises(WorkdirBusy, match=line), hold(str(tmp_path)):
+        pass
+
+
+def test_training_and_its_robustness_suite_hold_the_workdir(tmp_path, monkeypatch):
+    """The lock is held while the loop writes metrics and while the suite that follows
+    runs; a run that tries the workdir meanwhile is refused."""
+    from jaxtrain.robustness import runner
+
+    refused = []
+
+    def try_the_workdir(stage: str) -> None:
+        try:
+            with hold(str(tmp_path)):
+                refused.append((stage, False))
+        except WorkdirBusy:
+            refused.append((stage, True))
+
+    class Probe:  # a metric writer the loop calls at every log step
+        def write(self, step, split, metrics):
+            if not refused:
+                try_the_workdir("training")
+
+        def close(self):
+            pass
+
+    def fake_suite(workdir, config, **kwargs):
+        try_the_workdir("robustness")
+        return {"mean_corruption_error": 0.0}
+
+    from jaxtrain import loop
+
+    real = loop.train_and_evaluate
+    monkeypatch.setattr(loop, "train_and_evaluate",
+                        lambda config: real(config, writer=Probe()))
+    monkeypatch.setattr(runner, "run_robustness", fake_suite)
+    start = time.perf_counter()
+    config = digits_mlp.DEFAULTS.replace(workdir=str(tmp_path), epochs=1, progress="none",
+                                         robustness=True, compilation_cache="",
+                                         parallel="none")
+    runner.train_then_robustness(config)
+    assert refused == [("training", True), ("robustness", True)], time.perf_counter() - start
+    assert not (Path(tmp_path) / LOCK_NAME).exists()
