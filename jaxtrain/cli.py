@@ -149,11 +149,17 @@ def _failed(status: int) -> int:
     aborted with a C++ stack trace. Gone at once, its failure shows at once (a
     scheduler can end the job), and the peers stop when its heartbeats do (~100 s)."""
     jax = sys.modules.get("jax")  # not imported: no process group (and no import for it)
-    if jax is None or not jax.distributed.is_initialized() or jax.process_count() == 1:
+    if jax is None or not jax.distributed.is_initialized():
+        return status
+    from jax._src.distributed import global_state  # not process_count(): it starts devices
+
+    if global_state.num_processes == 1:
         return status
     sys.stdout.flush()
     sys.stderr.flush()
-    if status == 2 and _every_process_failed_alike():
+    started = sys.modules.get("jaxtrain.distributed")
+    if ((status == 2 or (started is not None and started.start_failed()))
+            and _every_process_failed_alike()):
         with contextlib.suppress(Exception):
             jax.distributed.shutdown()  # every process is here: a quick, clean goodbye
     os._exit(status)

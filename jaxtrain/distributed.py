@@ -36,13 +36,14 @@ Pure parsing lives in :func:`detect` (tests pass a fake environment); only
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import sys
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import jax
 import numpy as np
@@ -248,8 +249,9 @@ def initialize(
     if group is None:
         return None
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # A peer that failed before joining never tells: JAX waits out the timeout silently,
-    # then aborts (a C++ trace of RegisterTask's DEADLINE_EXCEEDED). Say what is awaited.
+    # A peer that never joins never tells: JAX waits out the timeout silently, then
+    # aborts (a C++ trace of RegisterTask's DEADLINE_EXCEEDED). Say what is awaited.
+    # (One that joins and then fails its checks tells: start_together.)
     print(f"process {group.process_id} of {group.num_processes}: joining at "
           f"{group.coordinator_address} (waits up to {timeout_s} s for every process)",
           file=sys.stderr, flush=True)
@@ -274,6 +276,60 @@ def initialize(
     _orbax_host_barriers()
     _current = group
     return group
+
+
+START_WAIT_S = 1800  # how long a process waits for the others' start-up checks (data loads)
+_start_failed = False  # a process of this run could not start: cli exits through a barrier
+_start_round = 0  # start_together calls so far: each process makes the same calls
+
+
+def start_failed() -> bool:
+    """True when :func:`start_together` found a process that could not start."""
+    return _start_failed
+
+
+@contextlib.contextmanager
+def start_together() -> Iterator[None]:
+    """Runs a joined process's start-up checks (paths, data, devices: what may differ
+    between hosts) and then tells every process whether every other one passed them.
+
+    A process that fails re-raises its own error; every other one raises
+    ``DistributedError``: ``process I could not start: <its error>``. Without this, a
+    process that could not read its data left the others waiting in their first
+    collective until JAX aborted them. Needs :func:`initialize`'s group (a no-op for
+    one process, or when the caller joined on its own). Exchanged through JAX's
+    coordination service, not a collective: the devices are not set up yet."""
+    global _start_failed, _start_round
+    group = _current
+    if group is None:
+        yield
+        return
+    from jax._src.distributed import global_state  # no public key-value store in jax
+
+    client = global_state.client
+    _start_round += 1
+    prefix = f"jaxtrain:start/{_start_round}"
+
+    def key(pid: int) -> str:
+        return f"{prefix}/{pid}"
+
+    try:
+        yield
+    except BaseException as e:  # Ctrl-C too: the others must not wait for this process
+        from jaxtrain.cli import one_line
+
+        _start_failed = True
+        client.key_value_set(key(group.process_id), "failed: " + one_line(e))
+        raise
+    client.key_value_set(key(group.process_id), "ok")
+    for pid in range(group.num_processes):
+        try:
+            said = client.blocking_key_value_get(key(pid), START_WAIT_S * 1000)
+        except Exception:  # noqa: BLE001  (jax raises its own XlaRuntimeError)
+            said = f"failed: no word from it within {START_WAIT_S} s"
+        if said != "ok":
+            _start_failed = True
+            raise DistributedError(f"process {pid} could not start: {said[len('failed: '):]}")
 
 
 def sync(name: str) -> None:

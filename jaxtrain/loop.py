@@ -121,30 +121,34 @@ def train_and_evaluate(
     config = config.validate()
     workdir = os.path.abspath(workdir or config.workdir)
     config = config.replace(workdir=workdir)
-    check_paths(config)  # read-only: a bad --workdir fails before anything is written
 
-    # --- data (host arrays only: before the devices, whose count auto takes from them) --
-    dataset = data_lib.load_dataset(
-        config.dataset,
-        val_fraction=config.val_fraction,
-        data_dir=config.data_dir,
-        synthetic_size=config.synthetic_size,
-        synthetic_shape=tuple(config.synthetic_shape),
-        synthetic_classes=config.synthetic_classes,
-    )
-
-    resident = config.data_placement == "device" or (
-        config.data_placement == "auto" and dataset.train["image"].nbytes <= DEVICE_DATA_BYTES
-    )
-
-    # --- devices ---------------------------------------------------------------------
-    # Joins a multi-process run (flags or SLURM / Open MPI) before anything touches a device.
+    # Joins a multi-process run (flags or SLURM / Open MPI) before anything touches a
+    # device, and before the checks that may fail on one host only, so that the others
+    # learn of it (``start_together``) instead of waiting for it in a collective.
     group = distributed.detect(config.coordinator_address, config.num_processes,
                                config.process_id)  # flags or SLURM / Open MPI
     check_processes(config.parallel, group.num_processes if group else 1)
-    cpu_devices = resolve_cpu_devices(config, dataset.image_shape, resident)
-    use_cpu_devices(cpu_devices, strict=bool(config.cpu_devices))
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+    with distributed.start_together():
+        check_paths(config)  # read-only: a bad --workdir fails before anything is written
+
+        # --- data (host arrays only: before the devices, whose count auto takes from them)
+        dataset = data_lib.load_dataset(
+            config.dataset,
+            val_fraction=config.val_fraction,
+            data_dir=config.data_dir,
+            synthetic_size=config.synthetic_size,
+            synthetic_shape=tuple(config.synthetic_shape),
+            synthetic_classes=config.synthetic_classes,
+        )
+        resident = config.data_placement == "device" or (
+            config.data_placement == "auto"
+            and dataset.train["image"].nbytes <= DEVICE_DATA_BYTES
+        )
+
+        # --- devices -------------------------------------------------------------------
+        cpu_devices = resolve_cpu_devices(config, dataset.image_shape, resident)
+        use_cpu_devices(cpu_devices, strict=bool(config.cpu_devices))
     distributed.check_same_flags(config)
     is_main = jax.process_index() == 0
     strategy = create_strategy(config.parallel, config.devices)

@@ -100,6 +100,22 @@ def failing_worker(process_id: int, port: int) -> None:
     sys.exit(cli.run(TrainConfig, TrainConfig(), [], prog="worker", body=body))
 
 
+def crash_at_start_worker(workdir: str, process_id: int, port: int) -> None:
+    """The digits-MLP CLI as process ``process_id`` of 2, where process 0's data load
+    fails with a bug (exit 1) before the devices are set up."""
+    from experiments import digits_mlp
+    from jaxtrain import data
+
+    if process_id == 0:
+        def gone(*args, **kwargs):
+            raise RuntimeError("the data disk is gone")
+
+        data.load_dataset = gone
+    sys.exit(digits_mlp.main(["--workdir", workdir, "--compilation-cache", "", "--progress",
+                              "none", "--coordinator-address", f"127.0.0.1:{port}",
+                              "--num-processes", "2", "--process-id", str(process_id)]))
+
+
 def workdir_worker(workdir: str, process_id: int, port: int) -> None:
     """``resume.check_shared_workdir`` in a 2-process CLI body where each process passes
     its own folder (as a workdir on each host's own disk would be)."""
@@ -109,6 +125,9 @@ def workdir_worker(workdir: str, process_id: int, port: int) -> None:
 
     def body(config):
         distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
+        for _ in range(2):  # as two runs in one process would: each round its own keys
+            with distributed.start_together():
+                pass
         check_shared_workdir(workdir)
 
     sys.exit(cli.run(TrainConfig, TrainConfig(), [], prog="worker", body=body))
@@ -253,16 +272,19 @@ def test_multi_process_bad_input_exits_2_on_every_process(tmp_path):
       aborted process 1 (SIGABRT, -6, "Terminating process because the JAX
       distributed service detected fatal errors"): 2 of 22 tries under load.
     - a --workdir that is not one shared folder (each process passes its own here);
-    - a --workdir that another run holds (process 0 finds its lock, process 1 is told)."""
+    - a --workdir that another run holds (process 0 finds its lock, process 1 is told);
+    - a check that fails on one host only (process 1's --compilation-cache): process 0
+      is told instead of waiting 300 s for process 1 in its first collective."""
     from jaxtrain import workdir_lock
 
-    none, batch, differ, busy = (
+    none, batch, differ, busy, local = (
         pair(["--workdir", str(tmp_path / name), *flags], free_port(), extra)
         for name, flags, extra in [
             ("none", ["--parallel", "none"], ([], [])),
             ("batch", ["--batch-size", "62"], ([], [])),
             ("differ", ["--epochs", "2"], ([], ["--lr", "0.01", "--seed", "1"])),
-            ("busy", [], ([], []))])
+            ("busy", [], ([], [])),
+            ("local", [], ([], ["--compilation-cache", "/proc/jaxtrain-xla"]))])
     port = free_port()
     (tmp_path / "own0" / "checkpoints" / "10").mkdir(parents=True)
     (tmp_path / "own1").mkdir()
@@ -270,7 +292,7 @@ def test_multi_process_bad_input_exits_2_on_every_process(tmp_path):
              str(port)], 1) for pid in (0, 1)]
     with workdir_lock.hold(str(tmp_path / "busy")):  # "another run" holds it meanwhile
         holder = json.loads((tmp_path / "busy" / workdir_lock.LOCK_NAME).read_text())
-        results = run_all(none + batch + differ + own + busy, timeout=300)
+        results = run_all(none + batch + differ + own + busy + local, timeout=300)
     # The same from a SLURM step of two tasks (no flags): refused in the loop, not Config.
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
              "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2",
@@ -286,13 +308,15 @@ def test_multi_process_bad_input_exits_2_on_every_process(tmp_path):
              "--data-dir, --process-id, --progress may differ)")
     shared = ("the processes see different checkpoints in --workdir {} (process {}); "
               "it must be one folder that every process shares")
+    cache = ("--compilation-cache /proc/jaxtrain-xla is not writable (cannot create a file in "
+             "/proc: No such file or directory) (pass --compilation-cache '' to run without it)")
     in_use = (f"--workdir {tmp_path / 'busy'} is in use by another run (pid {holder['pid']} "
               f"on {holder['host']}, started {holder['started']}); wait for it to end or use "
               "another --workdir")
     expected = [single, single, split, split, flags, flags,
                 shared.format(tmp_path / "own0", "0: 1 item in checkpoints/"),
                 shared.format(tmp_path / "own1", "1: no checkpoints/ folder"),
-                in_use, in_use, single]
+                in_use, in_use, f"process 1 could not start: {cache}", cache, single]
     for r, message in zip([*results, slurm_run], expected, strict=True):
         assert r.returncode == 2, r.stderr[-3000:]
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -454,6 +478,23 @@ def test_one_signal_preempts_both_processes_at_one_step_and_the_rerun_resumes(tm
 
 
 @pytest.mark.slow
+def test_a_process_that_crashes_before_its_devices_are_set_up_ends_the_run(tmp_path):
+    """Process 0 (the coordinator's host) fails with a bug while it loads its data:
+    it exits 1 with its traceback and process 1, told of it, exits 2 naming it. Before,
+    process 1 waited for process 0 until JAX aborted it."""
+    port = free_port()
+    results = run_all([([sys.executable, __file__, "crash-at-start-worker",
+                         str(tmp_path / "run"), str(pid), str(port)], 2) for pid in (0, 1)],
+                      timeout=120)
+    assert results[0].returncode == 1, results[0].stderr[-3000:]
+    assert "RuntimeError: the data disk is gone" in results[0].stderr
+    assert results[1].returncode == 2, results[1].stderr[-3000:]
+    errors = [line for line in results[1].stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: process 0 could not start: the data disk is gone"]
+    assert "Traceback" not in results[1].stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_failing_process_exits_at_once_though_its_peer_waits_for_it():
     """Process 1 of 2 fails while process 0 waits for it in a collective: process 1
     reports and exits 1 at once, not after JAX's 5-minute shutdown barrier (process 0
@@ -618,6 +659,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker(out_dir, kind_arg, int(n_arg), int(pid_arg), int(port_arg))
 if __name__ == "__main__" and sys.argv[1:2] == ["failing-worker"]:
     failing_worker(int(sys.argv[2]), int(sys.argv[3]))
+if __name__ == "__main__" and sys.argv[1:2] == ["crash-at-start-worker"]:
+    crash_at_start_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 if __name__ == "__main__" and sys.argv[1:2] == ["workdir-worker"]:
     workdir_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 if __name__ == "__main__" and sys.argv[1:2] == ["sigterm-worker"]:
