@@ -157,9 +157,14 @@ def _failed(status: int) -> int:
         return status
     sys.stdout.flush()
     sys.stderr.flush()
-    started = sys.modules.get("jaxtrain.distributed")
-    if ((status == 2 or (started is not None and started.start_failed()))
-            and _every_process_failed_alike()):
+    distributed = sys.modules.get("jaxtrain.distributed")
+    start_failed = distributed is not None and distributed.start_failed()
+    # A process that could not start waits as long as the others may take to find out
+    # (their data loads), not only BAD_INPUT_WAIT_S: leaving, process 0 ends the service.
+    # After Ctrl-C, leaving soon matters more.
+    wait_s = (distributed.START_WAIT_S if start_failed and status != 130
+              else BAD_INPUT_WAIT_S)
+    if (status == 2 or start_failed) and _every_process_failed_alike(wait_s):
         with contextlib.suppress(Exception):
             jax.distributed.shutdown()  # every process is here: a quick, clean goodbye
     os._exit(status)
@@ -168,8 +173,8 @@ def _failed(status: int) -> int:
 BAD_INPUT_WAIT_S = 30
 
 
-def _every_process_failed_alike() -> bool:
-    """True when every process of the run reached bad input too (within ``BAD_INPUT_WAIT_S``).
+def _every_process_failed_alike(wait_s: float = BAD_INPUT_WAIT_S) -> bool:
+    """True when every process of the run reached bad input too (within ``wait_s``).
 
     Bad input is found alike on every process: the same flags meet the same checks,
     some of them (the batch over the global device count, the flags compared between
@@ -181,7 +186,7 @@ def _every_process_failed_alike() -> bool:
     try:
         from jax._src.distributed import global_state  # the client jax.distributed made
 
-        global_state.client.wait_at_barrier("jaxtrain:bad-input", BAD_INPUT_WAIT_S * 1000)
+        global_state.client.wait_at_barrier("jaxtrain:bad-input", int(wait_s * 1000))
     except Exception:  # noqa: BLE001  (a peer did not come, or the service is gone)
         return False
     return True

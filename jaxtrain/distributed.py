@@ -41,7 +41,9 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import zlib
 from collections.abc import Iterator, Mapping
 
@@ -233,6 +235,7 @@ def initialize(
     process_id: int | None = None,
     *,
     timeout_s: int = 300,
+    hold_interrupt: bool = False,
 ) -> ProcessGroup | None:
     """Joins the multi-process run described by flags or the cluster; ``None`` when single.
 
@@ -241,8 +244,12 @@ def initialize(
     ``jax.distributed`` itself). On CPU, cross-process collectives
     use gloo. Raises ``DistributedError`` (one line) on bad settings or when
     JAX has already started on devices.
+
+    A Ctrl-C while joining comes once this process has joined: raised here, or with
+    ``hold_interrupt`` by the next :func:`start_together`, which tells the others first
+    (raised inside the join, it left them waiting until JAX aborted them).
     """
-    global _current
+    global _current, _interrupted
     if jax.distributed.is_initialized():
         return _current
     group = detect(coordinator_address, num_processes, process_id)
@@ -256,15 +263,17 @@ def initialize(
           f"{group.coordinator_address} (waits up to {timeout_s} s for every process)",
           file=sys.stderr, flush=True)
     try:
-        jax.distributed.initialize(
-            coordinator_address=group.coordinator_address,
-            num_processes=group.num_processes,
-            process_id=group.process_id,
-            local_device_ids=list(group.local_device_ids) if group.local_device_ids else None,
-            # Resolved above; jax's own detection would pin each process to one GPU.
-            cluster_detection_method="deactivate",
-            initialization_timeout=timeout_s,
-        )
+        with _sigint_held() as came:
+            jax.distributed.initialize(
+                coordinator_address=group.coordinator_address,
+                num_processes=group.num_processes,
+                process_id=group.process_id,
+                local_device_ids=(list(group.local_device_ids) if group.local_device_ids
+                                  else None),
+                # Resolved above; jax's own detection would pin each process to one GPU.
+                cluster_detection_method="deactivate",
+                initialization_timeout=timeout_s,
+            )
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "must be called before" in first:
@@ -275,12 +284,33 @@ def initialize(
         raise
     _orbax_host_barriers()
     _current = group
+    if came:
+        if not hold_interrupt:
+            raise KeyboardInterrupt
+        _interrupted = True
     return group
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[list[int]]:
+    """Holds Ctrl-C (Python's default handler only, main thread only) for the block; the
+    yielded list gets an item for each that came."""
+    came: list[int] = []
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield came
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield came
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 START_WAIT_S = 1800  # how long a process waits for the others' start-up checks (data loads)
 _start_failed = False  # a process of this run could not start: cli exits through a barrier
 _start_round = 0  # start_together calls so far: each process makes the same calls
+_interrupted = False  # a Ctrl-C came while joining (initialize's hold_interrupt)
 
 
 def start_failed() -> bool:
@@ -299,7 +329,7 @@ def start_together() -> Iterator[None]:
     collective until JAX aborted them. Needs :func:`initialize`'s group (a no-op for
     one process, or when the caller joined on its own). Exchanged through JAX's
     coordination service, not a collective: the devices are not set up yet."""
-    global _start_failed, _start_round
+    global _start_failed, _start_round, _interrupted
     group = _current
     if group is None:
         yield
@@ -314,12 +344,16 @@ def start_together() -> Iterator[None]:
         return f"{prefix}/{pid}"
 
     try:
+        if _interrupted:  # held by initialize: raised here, where the others hear of it
+            _interrupted = False
+            raise KeyboardInterrupt
         yield
     except BaseException as e:  # Ctrl-C too: the others must not wait for this process
         from jaxtrain.cli import one_line
 
         _start_failed = True
-        client.key_value_set(key(group.process_id), "failed: " + one_line(e))
+        line = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else one_line(e)
+        client.key_value_set(key(group.process_id), "failed: " + line)
         raise
     client.key_value_set(key(group.process_id), "ok")
     for pid in range(group.num_processes):

@@ -128,7 +128,8 @@ def train_and_evaluate(
     group = distributed.detect(config.coordinator_address, config.num_processes,
                                config.process_id)  # flags or SLURM / Open MPI
     check_processes(config.parallel, group.num_processes if group else 1)
-    distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+    distributed.initialize(config.coordinator_address, config.num_processes, config.process_id,
+                           hold_interrupt=True)  # start_together raises it, telling the others
     with distributed.start_together():
         check_paths(config)  # read-only: a bad --workdir fails before anything is written
 

@@ -13,8 +13,9 @@ lock when its process ends, however it ends (``kill -9`` included), so a crashed
 run never leaves a stale lock. The ``filelock`` package truncates the file on every
 attempt, which would erase the holder's name that the error above prints.
 
-``run.lock`` exists only while a run holds it (a run killed with SIGKILL leaves it
-behind, unlocked: the next run takes it over). In a multi-process run process 0
+``run.lock`` exists only while a run holds it (a run killed with SIGKILL, or by
+SIGTERM during its robustness suite, leaves it behind, unlocked: the next run takes
+it over). ``keep_held`` holds it from training through the suite that follows. In a multi-process run process 0
 takes the lock for all (the workdir is one shared folder) and every process raises
 the same error. On NFS, Linux takes ``flock`` through the server's byte-range locks.
 """
@@ -48,12 +49,15 @@ class _Lock:
         self.workdir = workdir
         self.path = os.path.join(workdir, LOCK_NAME)
         self.fd: int | None = None
-        self.made_workdir = False
+        self.made: list[str] = []  # the folders this lock created, workdir first
 
     def acquire(self) -> str | None:
         """None when held; else the one-line reason (another run, or the file system)."""
         try:
-            self.made_workdir = not os.path.isdir(self.workdir)
+            folder = self.workdir
+            while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+                self.made.append(folder)
+                folder = os.path.dirname(folder)
             os.makedirs(self.workdir, exist_ok=True)
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # never O_TRUNC
@@ -63,7 +67,7 @@ class _Lock:
                     holder = _holder(fd)
                     os.close(fd)
                     if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                        self._drop_made_workdir()
+                        self._drop_made_folders()
                         return (f"--workdir {self.workdir} is in use by another run "
                                 f"({holder}); wait for it to end or use another --workdir")
                     if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
@@ -99,13 +103,16 @@ class _Lock:
             os.close(self.fd)
             self.fd = None
         if failed:
-            self._drop_made_workdir()
+            self._drop_made_folders()
 
-    def _drop_made_workdir(self) -> None:
-        if self.made_workdir:  # bad input leaves no trace: not even the folder it made
-            with contextlib.suppress(OSError):
-                os.rmdir(self.workdir)
-            self.made_workdir = False
+    def _drop_made_folders(self) -> None:
+        """Bad input leaves no trace: not even the folders (parents too) it made."""
+        for folder in self.made:  # rmdir refuses a folder that is not empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        self.made = []
 
 
 def _me() -> dict[str, object]:
@@ -124,25 +131,57 @@ def _holder(fd: int) -> str:
         return "holder unknown"
 
 
+class _Kept:
+    """A lock that outlives the ``hold`` that took it, until ``keep_held`` ends."""
+
+    held = False
+    lock: _Lock | None = None  # process 0's; None on the others
+
+
+_kept: dict[str, _Kept] = {}
+
+
+@contextlib.contextmanager
+def keep_held(workdir: str) -> Iterator[None]:
+    """The lock that the first ``hold(workdir)`` inside the block takes stays held until
+    the block ends, and later ``hold(workdir)`` calls in it take nothing: a run that
+    trains (``train_and_evaluate`` holds the workdir) and then runs its robustness suite
+    holds it throughout. Takes nothing itself: it may start before the processes join."""
+    path = os.path.abspath(workdir)
+    kept = _kept.setdefault(path, _Kept())
+    try:
+        yield
+    finally:
+        if _kept.pop(path, None) is kept and kept.lock is not None:
+            kept.lock.release(failed=False)
+
+
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
     """Holds ``WORKDIR/run.lock`` for the block, creating ``workdir`` if needed.
 
     Call it at the same point on every process of a run: process 0 takes the lock and
     every process raises the same ``WorkdirBusy`` (a ``ConfigError``) when another run
-    holds it, or when it cannot be written. If the block fails, a workdir this call
-    made is removed again when it is still empty."""
+    holds it, or when it cannot be written. If the block fails, the folders this call
+    made are removed again when they are still empty."""
     import jax
 
-    lock = _Lock(os.path.abspath(workdir)) if jax.process_index() == 0 else None
-    reason = lock.acquire() if lock is not None else None
-    reason = distributed.from_process_0(reason or "")  # every process learns process 0's
-    if reason:
-        raise WorkdirBusy(reason)
+    path = os.path.abspath(workdir)
+    kept = _kept.get(path)
+    if kept is not None and kept.held:  # keep_held: this run holds it already
+        yield
+        return
+    lock = _Lock(path) if jax.process_index() == 0 else None
     failed = True
     try:
+        reason = lock.acquire() if lock is not None else None
+        reason = distributed.from_process_0(reason or "")  # every process learns process 0's
+        if reason:
+            raise WorkdirBusy(reason)
         yield
         failed = False
     finally:
-        if lock is not None:
+        if not failed and kept is not None:  # keep_held releases it when its block ends
+            kept.held, kept.lock = True, lock
+        elif lock is not None:
             lock.release(failed=failed)

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,44 @@ def crash_at_start_worker(workdir: str, process_id: int, port: int) -> None:
     sys.exit(digits_mlp.main(["--workdir", workdir, "--compilation-cache", "", "--progress",
                               "none", "--coordinator-address", f"127.0.0.1:{port}",
                               "--num-processes", "2", "--process-id", str(process_id)]))
+
+
+def start_worker(workdir: str, process_id: int, port: int, case: str) -> None:
+    """The digits-MLP CLI as process ``process_id`` of 2, in one of two start-ups:
+    - ``slow-peer``: process 0 cannot start (its --compilation-cache) while process 1
+      still loads its data (8 s), longer than the exit barrier's usual wait (here 2 s);
+    - ``ctrl-c-while-joining``: process 1 gets Ctrl-C inside ``jax.distributed.initialize``."""
+    import signal
+
+    import jax
+
+    from experiments import digits_mlp
+    from jaxtrain import cli, data
+
+    argv = ["--workdir", workdir, "--compilation-cache", "", "--progress", "none",
+            "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+            "--process-id", str(process_id)]
+    if case == "slow-peer":
+        cli.BAD_INPUT_WAIT_S = 2
+        if process_id == 0:
+            argv += ["--compilation-cache", "/proc/jaxtrain-xla"]
+        else:
+            load = data.load_dataset
+
+            def slow_load(*args, **kwargs):
+                time.sleep(8)
+                return load(*args, **kwargs)
+
+            data.load_dataset = slow_load
+    elif case == "ctrl-c-while-joining" and process_id == 1:
+        join = jax.distributed.initialize
+
+        def interrupted_join(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)
+            return join(*args, **kwargs)
+
+        jax.distributed.initialize = interrupted_join
+    sys.exit(digits_mlp.main(argv))
 
 
 def workdir_worker(workdir: str, process_id: int, port: int) -> None:
@@ -495,6 +534,29 @@ def test_a_process_that_crashes_before_its_devices_are_set_up_ends_the_run(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_start_up_failures_end_every_process_cleanly(tmp_path):
+    """A process that cannot start waits at the exit barrier until a slower peer has
+    heard of it (it left after BAD_INPUT_WAIT_S, and JAX aborted the peer still loading
+    its data); a Ctrl-C inside the join is held until the others can be told (raised
+    there, it left them waiting until JAX aborted them)."""
+    cases = ["slow-peer", "ctrl-c-while-joining"]
+    results = run_all([([sys.executable, __file__, "start-worker", str(tmp_path / case),
+                         str(pid), str(port), case], 2)
+                       for case in cases for port in [free_port()] for pid in (0, 1)],
+                      timeout=120)
+    cache = ("--compilation-cache /proc/jaxtrain-xla is not writable (cannot create a file "
+             "in /proc: No such file or directory) (pass --compilation-cache '' to run "
+             "without it)")
+    expected = [(2, cache), (2, f"process 0 could not start: {cache}"),
+                (2, "process 1 could not start: interrupted (Ctrl-C)"), (130, "interrupted")]
+    for r, (status, message) in zip(results, expected, strict=True):
+        assert r.returncode == status, r.stderr[-3000:]
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: {message}"], r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+    assert not any((tmp_path / case).exists() for case in cases)
+
+
 def test_a_failing_process_exits_at_once_though_its_peer_waits_for_it():
     """Process 1 of 2 fails while process 0 waits for it in a collective: process 1
     reports and exits 1 at once, not after JAX's 5-minute shutdown barrier (process 0
@@ -661,6 +723,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["failing-worker"]:
     failing_worker(int(sys.argv[2]), int(sys.argv[3]))
 if __name__ == "__main__" and sys.argv[1:2] == ["crash-at-start-worker"]:
     crash_at_start_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+if __name__ == "__main__" and sys.argv[1:2] == ["start-worker"]:
+    start_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
 if __name__ == "__main__" and sys.argv[1:2] == ["workdir-worker"]:
     workdir_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 if __name__ == "__main__" and sys.argv[1:2] == ["sigterm-worker"]:

@@ -50,18 +50,50 @@ def test_a_second_run_is_refused_and_changes_nothing(tmp_path):
         pass
 
 
-def test_a_failed_run_removes_the_workdir_it_made_but_not_one_it_found(tmp_path):
+def test_a_failed_run_removes_the_folders_it_made_but_not_one_it_found(tmp_path):
     made, found = tmp_path / "made", tmp_path / "found"
     found.mkdir()
-    for workdir in (made, found):
+    for workdir in (made / "a" / "b", found):
         with pytest.raises(RuntimeError), hold(str(workdir)):
             raise RuntimeError("the run failed")
-    assert not made.exists()
+    assert not made.exists()  # the parents it made too
     assert found.is_dir() and os.listdir(found) == []
     with pytest.raises(RuntimeError), hold(str(made)):  # it wrote something: kept
         (made / "metrics.jsonl").write_text("{}\n")
         raise RuntimeError("the run failed")
     assert os.listdir(made) == ["metrics.jsonl"]
+
+
+def test_a_lock_not_agreed_by_every_process_is_let_go(tmp_path, monkeypatch):
+    """Process 0 took the lock, then telling the others failed (a peer gone): the lock
+    and the workdir it made go, as after any failure."""
+    def peer_gone(text):
+        raise RuntimeError("Gloo all-reduce failed: Connection closed by peer")
+
+    monkeypatch.setattr(workdir_lock.distributed, "from_process_0", peer_gone)
+    with pytest.raises(RuntimeError, match="Connection closed"), hold(str(tmp_path / "run")):
+        pytest.fail("entered the block")
+    assert os.listdir(tmp_path) == []
+
+
+def test_keep_held_keeps_the_lock_from_the_first_hold_to_its_end(tmp_path):
+    """Training's hold, then the robustness suite's, with no moment between them when a
+    second run could take the workdir (22-132 ms before)."""
+    other = workdir_lock._Lock(str(tmp_path))
+    with workdir_lock.keep_held(str(tmp_path)):
+        with hold(str(tmp_path)):
+            pass
+        assert other.acquire() is not None  # held after the first hold's block
+        with hold(str(tmp_path)):  # takes nothing: this run holds it
+            assert other.acquire() is not None
+    assert other.acquire() is None  # let go when keep_held's block ends
+    other.release(failed=False)
+    assert os.listdir(tmp_path) == []
+    with workdir_lock.keep_held(str(tmp_path)):  # a failed first hold lets go at once
+        with pytest.raises(RuntimeError), hold(str(tmp_path)):
+            raise RuntimeError("training failed")
+        assert other.acquire() is None
+        other.release(failed=False)
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
@@ -133,12 +165,11 @@ def test_training_and_its_robustness_suite_hold_the_workdir(tmp_path, monkeypatc
 
     refused = []
 
-    def try_the_workdir(stage: str) -> None:
-        try:
-            with hold(str(tmp_path)):
-                refused.append((stage, False))
-        except WorkdirBusy:
-            refused.append((stage, True))
+    def try_the_workdir(stage: str) -> None:  # what a second run's hold does first
+        other = workdir_lock._Lock(str(tmp_path))
+        reason = other.acquire()
+        refused.append((stage, reason is not None))
+        other.release(failed=False)
 
     class Probe:  # a metric writer the loop calls at every log step
         def write(self, step, split, metrics):

@@ -353,30 +353,35 @@ def train_then_robustness(config: TrainConfig) -> dict[str, Any]:
 
     Returns the training summary, with the robustness headline figures under
     ``"robustness"`` (also added to ``summary.json``)."""
+    from jaxtrain.loop import train_and_evaluate
+    from jaxtrain.workdir_lock import keep_held
+
+    with keep_held(config.workdir):  # the workdir lock training takes lasts through the suite
+        summary = train_and_evaluate(config)
+        if getattr(config, "robustness", False) and not config.dry_run:
+            summary["robustness"] = _suite_after_training(config)
+    return summary
+
+
+def _suite_after_training(config: TrainConfig) -> dict[str, Any]:
+    """The robustness suite on the run ``config`` just trained, on its devices, data dir
+    and progress mode; adds its headline figures to ``summary.json`` and returns them."""
     import jax
 
-    from jaxtrain.loop import train_and_evaluate
+    from jaxtrain.preemption import sigterm_ends_the_process
 
-    summary = train_and_evaluate(config)
-    if getattr(config, "robustness", False) and not config.dry_run:  # nothing was trained
-        parallel = config.parallel if config.parallel in ("auto", "none", "mesh") else "auto"
-        progress = "none" if config.progress == "none" else "log"
-        from jaxtrain.preemption import sigterm_ends_the_process
-        from jaxtrain.workdir_lock import hold
-
-        sigterm_ends_the_process()  # the suite saves nothing: SIGTERM exits, as on one process
-        t0 = time.perf_counter()
-        with hold(config.workdir):  # taken again: no other run starts in it meanwhile
-            figures = run_robustness(
-                config.workdir, TRAIN_SUITE, parallel=parallel, devices=config.devices,
-                data_dir=config.data_dir, progress=progress,
-                compilation_cache=config.compilation_cache)
-            figures["wall_seconds"] = time.perf_counter() - t0
-            summary["robustness"] = figures
-            path = os.path.join(os.path.abspath(config.workdir), "summary.json")
-            if jax.process_index() == 0 and os.path.isfile(path):
-                with open(path) as f:
-                    on_disk = json.load(f)
-                on_disk["robustness"] = figures
-                write_json(path, on_disk)
-    return summary
+    parallel = config.parallel if config.parallel in ("auto", "none", "mesh") else "auto"
+    progress = "none" if config.progress == "none" else "log"
+    sigterm_ends_the_process()  # the suite saves nothing: SIGTERM exits, as on one process
+    t0 = time.perf_counter()
+    figures = run_robustness(
+        config.workdir, TRAIN_SUITE, parallel=parallel, devices=config.devices,
+        data_dir=config.data_dir, progress=progress, compilation_cache=config.compilation_cache)
+    figures["wall_seconds"] = time.perf_counter() - t0
+    path = os.path.join(os.path.abspath(config.workdir), "summary.json")
+    if jax.process_index() == 0 and os.path.isfile(path):
+        with open(path) as f:
+            on_disk = json.load(f)
+        on_disk["robustness"] = figures
+        write_json(path, on_disk)
+    return figures
