@@ -15,9 +15,10 @@ attempt, which would erase the holder's name that the error above prints.
 
 ``run.lock`` exists only while a run holds it (a run killed with SIGKILL, or by
 SIGTERM during its robustness suite, leaves it behind, unlocked: the next run takes
-it over). ``keep_held`` holds it from training through the suite that follows. In a multi-process run process 0
-takes the lock for all (the workdir is one shared folder) and every process raises
-the same error. On NFS, Linux takes ``flock`` through the server's byte-range locks.
+it over). ``keep_held`` holds it from training through the suite that follows. In a
+multi-process run process 0 takes the lock for all (the workdir is one shared
+folder) and every process raises the same error. On NFS, Linux takes ``flock``
+through the server's byte-range locks.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class _Lock:
 
     def release(self, *, failed: bool) -> None:
         """Removes ``run.lock`` (while still held, so no one takes a file on its way
-        out), then lets go; after a failure, also the workdir this run made, if empty."""
+        out), then lets go; after a failure, also the folders it made, if empty."""
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 os.remove(self.path)

@@ -101,24 +101,9 @@ def failing_worker(process_id: int, port: int) -> None:
     sys.exit(cli.run(TrainConfig, TrainConfig(), [], prog="worker", body=body))
 
 
-def crash_at_start_worker(workdir: str, process_id: int, port: int) -> None:
-    """The digits-MLP CLI as process ``process_id`` of 2, where process 0's data load
-    fails with a bug (exit 1) before the devices are set up."""
-    from experiments import digits_mlp
-    from jaxtrain import data
-
-    if process_id == 0:
-        def gone(*args, **kwargs):
-            raise RuntimeError("the data disk is gone")
-
-        data.load_dataset = gone
-    sys.exit(digits_mlp.main(["--workdir", workdir, "--compilation-cache", "", "--progress",
-                              "none", "--coordinator-address", f"127.0.0.1:{port}",
-                              "--num-processes", "2", "--process-id", str(process_id)]))
-
-
 def start_worker(workdir: str, process_id: int, port: int, case: str) -> None:
-    """The digits-MLP CLI as process ``process_id`` of 2, in one of two start-ups:
+    """The digits-MLP CLI as process ``process_id`` of 2, in one of three start-ups:
+    - ``crash-on-0``: process 0's data load fails with a bug (exit 1);
     - ``slow-peer``: process 0 cannot start (its --compilation-cache) while process 1
       still loads its data (8 s), longer than the exit barrier's usual wait (here 2 s);
     - ``ctrl-c-while-joining``: process 1 gets Ctrl-C inside ``jax.distributed.initialize``."""
@@ -132,7 +117,12 @@ def start_worker(workdir: str, process_id: int, port: int, case: str) -> None:
     argv = ["--workdir", workdir, "--compilation-cache", "", "--progress", "none",
             "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
             "--process-id", str(process_id)]
-    if case == "slow-peer":
+    if case == "crash-on-0" and process_id == 0:
+        def gone(*args, **kwargs):
+            raise RuntimeError("the data disk is gone")
+
+        data.load_dataset = gone
+    elif case == "slow-peer":
         cli.BAD_INPUT_WAIT_S = 2
         if process_id == 0:
             argv += ["--compilation-cache", "/proc/jaxtrain-xla"]
@@ -517,29 +507,16 @@ def test_one_signal_preempts_both_processes_at_one_step_and_the_rerun_resumes(tm
 
 
 @pytest.mark.slow
-def test_a_process_that_crashes_before_its_devices_are_set_up_ends_the_run(tmp_path):
-    """Process 0 (the coordinator's host) fails with a bug while it loads its data:
-    it exits 1 with its traceback and process 1, told of it, exits 2 naming it. Before,
-    process 1 waited for process 0 until JAX aborted it."""
-    port = free_port()
-    results = run_all([([sys.executable, __file__, "crash-at-start-worker",
-                         str(tmp_path / "run"), str(pid), str(port)], 2) for pid in (0, 1)],
-                      timeout=120)
-    assert results[0].returncode == 1, results[0].stderr[-3000:]
-    assert "RuntimeError: the data disk is gone" in results[0].stderr
-    assert results[1].returncode == 2, results[1].stderr[-3000:]
-    errors = [line for line in results[1].stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: process 0 could not start: the data disk is gone"]
-    assert "Traceback" not in results[1].stderr
-    assert not (tmp_path / "run").exists()
-
-
 def test_start_up_failures_end_every_process_cleanly(tmp_path):
-    """A process that cannot start waits at the exit barrier until a slower peer has
-    heard of it (it left after BAD_INPUT_WAIT_S, and JAX aborted the peer still loading
-    its data); a Ctrl-C inside the join is held until the others can be told (raised
-    there, it left them waiting until JAX aborted them)."""
-    cases = ["slow-peer", "ctrl-c-while-joining"]
+    """A process that cannot start tells the others, which exit 2 naming it; before,
+    they waited for it in their first collective until JAX aborted them.
+    - Process 0, the coordinator's host, fails with a bug loading its data: it exits 1
+      with its traceback.
+    - It waits at the exit barrier until a slower peer has heard of it (it left after
+      BAD_INPUT_WAIT_S, and JAX aborted the peer still loading its data).
+    - A Ctrl-C inside the join is held until the others can be told (raised there, it
+      left them waiting until JAX aborted them)."""
+    cases = ["crash-on-0", "slow-peer", "ctrl-c-while-joining"]
     results = run_all([([sys.executable, __file__, "start-worker", str(tmp_path / case),
                          str(pid), str(port), case], 2)
                        for case in cases for port in [free_port()] for pid in (0, 1)],
@@ -547,10 +524,14 @@ def test_start_up_failures_end_every_process_cleanly(tmp_path):
     cache = ("--compilation-cache /proc/jaxtrain-xla is not writable (cannot create a file "
              "in /proc: No such file or directory) (pass --compilation-cache '' to run "
              "without it)")
-    expected = [(2, cache), (2, f"process 0 could not start: {cache}"),
+    expected = [(1, None), (2, "process 0 could not start: the data disk is gone"),
+                (2, cache), (2, f"process 0 could not start: {cache}"),
                 (2, "process 1 could not start: interrupted (Ctrl-C)"), (130, "interrupted")]
     for r, (status, message) in zip(results, expected, strict=True):
         assert r.returncode == status, r.stderr[-3000:]
+        if message is None:  # a bug: its traceback
+            assert "RuntimeError: the data disk is gone" in r.stderr
+            continue
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert errors == [f"error: {message}"], r.stderr[-3000:]
         assert "Traceback" not in r.stderr
@@ -721,8 +702,6 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker(out_dir, kind_arg, int(n_arg), int(pid_arg), int(port_arg))
 if __name__ == "__main__" and sys.argv[1:2] == ["failing-worker"]:
     failing_worker(int(sys.argv[2]), int(sys.argv[3]))
-if __name__ == "__main__" and sys.argv[1:2] == ["crash-at-start-worker"]:
-    crash_at_start_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 if __name__ == "__main__" and sys.argv[1:2] == ["start-worker"]:
     start_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
 if __name__ == "__main__" and sys.argv[1:2] == ["workdir-worker"]:
