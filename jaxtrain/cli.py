@@ -174,7 +174,8 @@ BAD_INPUT_WAIT_S = 30
 
 
 def _every_process_failed_alike(wait_s: float = BAD_INPUT_WAIT_S) -> bool:
-    """True when every process of the run reached bad input too (within ``wait_s``).
+    """True when every process of the run reached this exit barrier too (within ``wait_s``):
+    on bad input, and after a process could not start (``distributed.start_together``).
 
     Bad input is found alike on every process: the same flags meet the same checks,
     some of them (the batch over the global device count, the flags compared between
