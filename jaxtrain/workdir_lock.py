@@ -19,6 +19,12 @@ it over). ``keep_held`` holds it from training through the suite that follows. I
 multi-process run process 0 takes the lock for all (the workdir is one shared
 folder) and every process raises the same error. On NFS, Linux takes ``flock``
 through the server's byte-range locks.
+
+The robustness suite holds ``WORKDIR/robustness/run.lock`` the same way
+(``hold_report``), whether it runs after training or alone: two suites writing one
+report would leave ``report.json`` from one and ``report.md`` or the plots from the
+other. ``python -m experiments.robustness`` does not take ``run.lock``, so it may
+evaluate the latest checkpoint of a run that is still training.
 """
 
 from __future__ import annotations
@@ -44,10 +50,14 @@ class WorkdirBusy(ConfigError):
 
 
 class _Lock:
-    """``flock`` on ``WORKDIR/run.lock``: ``acquire`` returns None once held, else why not."""
+    """``flock`` on ``FOLDER/run.lock``: ``acquire`` returns None once held, else why not.
 
-    def __init__(self, workdir: str) -> None:
+    ``busy`` is the refusal, ``{holder}`` standing for who holds the lock."""
+
+    def __init__(self, workdir: str, busy: str | None = None) -> None:
         self.workdir = workdir
+        self.busy = busy or (f"--workdir {workdir} is in use by another run ({{holder}}); "
+                             "wait for it to end or use another --workdir")
         self.path = os.path.join(workdir, LOCK_NAME)
         self.fd: int | None = None
         self.made: list[str] = []  # the folders this lock created, workdir first
@@ -69,8 +79,7 @@ class _Lock:
                     os.close(fd)
                     if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                         self._drop_made_folders()
-                        return (f"--workdir {self.workdir} is in use by another run "
-                                f"({holder}); wait for it to end or use another --workdir")
+                        return self.busy.format(holder=holder)
                     if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                         print(f"warning: {self.path} cannot be locked on this file system "
                               f"({e.strerror}); nothing stops a second run in this workdir",
@@ -172,7 +181,30 @@ def hold(workdir: str) -> Iterator[None]:
     if kept is not None and kept.held:  # keep_held: this run holds it already
         yield
         return
-    lock = _Lock(path) if jax.process_index() == 0 else None
+    with _held(_Lock(path) if jax.process_index() == 0 else None, kept):
+        yield
+
+
+@contextlib.contextmanager
+def hold_report(workdir: str, folder: str) -> Iterator[None]:
+    """Holds ``folder/run.lock`` (the report folder, ``WORKDIR/robustness``) for the block:
+    one robustness suite at a time writes a workdir's report. As :func:`hold`, on every
+    process of a run; a second suite raises ``WorkdirBusy``. Independent of the workdir's
+    ``run.lock``: a suite may evaluate a run that is still training."""
+    import jax
+
+    path, folder = os.path.abspath(workdir), os.path.abspath(folder)
+    busy = (f"--workdir {path}: another robustness suite is writing {folder} ({{holder}}); "
+            "wait for it to end")
+    lock = _Lock(folder, busy) if jax.process_index() == 0 else None
+    with _held(lock, None):
+        yield
+
+
+@contextlib.contextmanager
+def _held(lock: _Lock | None, kept: _Kept | None) -> Iterator[None]:
+    """Takes ``lock`` (process 0's; None on the others), tells every process whether it
+    did, and lets go after the block (``keep_held``'s ``kept``: when its block ends)."""
     failed = True
     try:
         reason = lock.acquire() if lock is not None else None

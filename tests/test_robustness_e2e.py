@@ -153,6 +153,31 @@ def test_bad_input_exits_2_with_one_line(trained, tmp_path, capsys, args, messag
     assert sorted(os.listdir(trained)) == before  # nothing written
 
 
+def test_a_second_suite_on_a_workdir_is_refused_and_writes_nothing(trained, capsys):
+    """While one suite writes ``WORKDIR/robustness`` (here, this process holds its lock),
+    ``experiments.robustness`` on the same workdir exits 2 naming it, and changes nothing."""
+    from experiments import robustness
+    from jaxtrain import workdir_lock
+
+    def files() -> dict[str, bytes]:
+        return {os.path.relpath(os.path.join(d, f), trained):
+                open(os.path.join(d, f), "rb").read()
+                for d, _, names in os.walk(trained) for f in names}
+
+    with workdir_lock.hold_report(trained, os.path.join(trained, "robustness")):
+        before = files()
+        code = robustness.main(["--workdir", trained, "--corruptions", "occlusion",
+                                "--attacks", "none", "--progress", "none",
+                                "--compilation-cache", ""])
+        assert files() == before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith(
+        f"error: --workdir {trained}: another robustness suite is writing "
+        f"{os.path.join(trained, 'robustness')} (pid {os.getpid()} on "), err
+    assert err[0].endswith("; wait for it to end")
+
+
 # ----------------------------------------------------------------------------- the main job
 
 

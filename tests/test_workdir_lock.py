@@ -96,6 +96,32 @@ def test_keep_held_keeps_the_lock_from_the_first_hold_to_its_end(tmp_path):
         other.release(failed=False)
 
 
+def test_one_robustness_suite_at_a_time_writes_a_report(tmp_path):
+    """The suite's lock is ``WORKDIR/robustness/run.lock``: a second suite is refused
+    naming the first, and training's lock on the workdir is independent of it (a suite
+    may evaluate a run that is still training)."""
+    report = tmp_path / "robustness"
+    with workdir_lock.hold_report(str(tmp_path), str(report)):
+        info = json.loads((report / LOCK_NAME).read_text())
+        with pytest.raises(WorkdirBusy) as e, workdir_lock.hold_report(str(tmp_path),
+                                                                       str(report)):
+            pytest.fail("a second suite entered the block")
+        assert str(e.value) == (
+            f"--workdir {tmp_path}: another robustness suite is writing {report} "
+            f"(pid {info['pid']} on {info['host']}, started {info['started']}); "
+            "wait for it to end")
+        with hold(str(tmp_path)):  # a run may train in the workdir meanwhile
+            assert (tmp_path / LOCK_NAME).is_file()
+    assert os.listdir(report) == []  # the lock goes; the folder stays for the report
+    report.rmdir()
+    with hold(str(tmp_path)), workdir_lock.hold_report(str(tmp_path), str(report)):
+        pass  # and a suite may run while a run holds the workdir
+    report.rmdir()
+    with pytest.raises(RuntimeError), workdir_lock.hold_report(str(tmp_path), str(report)):
+        raise RuntimeError("the suite failed")  # before writing anything: no folder left
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     """SIGKILL leaves ``run.lock`` behind; the kernel dropped its lock, so the next run
     takes it over and writes its own name in it."""

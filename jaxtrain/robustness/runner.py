@@ -277,20 +277,31 @@ def run_robustness(workdir: str, config: RobustnessConfig | None = None,
     """Evaluates the trained run in ``workdir`` and writes ``workdir/robustness/``
     (``report.json``, ``report.md``, plots). ``config`` defaults to ``RobustnessConfig()``;
     ``overrides`` replace its fields. Returns the headline figures and file paths."""
-    import jax
-
     from jaxtrain.config import check_writable_dir
-    from jaxtrain.parallel import create_strategy
-    from jaxtrain.program import setup_compilation_cache
     from jaxtrain.robustness import report as report_lib
+    from jaxtrain.workdir_lock import hold_report
 
     t_start = time.perf_counter()
     config = (config or RobustnessConfig()).replace(workdir=workdir, **overrides).validate()
-    out_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), REPORT_DIR)
+    root = os.path.abspath(os.path.expanduser(workdir))
+    out_dir = os.path.join(root, REPORT_DIR)
     check_writable_dir(out_dir, "--workdir")
     baseline = report_lib.load_baseline(config.baseline) if config.baseline else None
     run = load_run(workdir, step=None if config.step < 0 else config.step,
                    data_dir=config.data_dir, max_examples=config.max_examples)
+    with hold_report(root, out_dir):  # one suite at a time writes the report
+        return _evaluate(config, run, baseline, out_dir, t_start)
+
+
+def _evaluate(config: RobustnessConfig, run: LoadedRun, baseline: dict[str, Any] | None,
+              out_dir: str, t_start: float) -> dict[str, Any]:
+    """``run_robustness``'s work on the loaded ``run``, once it holds the report folder."""
+    import jax
+
+    from jaxtrain.parallel import create_strategy
+    from jaxtrain.program import setup_compilation_cache
+    from jaxtrain.robustness import report as report_lib
+
     spec = config.suite_spec(run.config.get("dataset", ""), tuple(run.data["image_shape"]))
     if config.cifar10_corrupted and (tuple(run.data["image_shape"]) != (32, 32, 3)
                                      or run.data["num_classes"] != 10):
