@@ -256,12 +256,17 @@ def initialize(
     if group is None:
         return None
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # A peer that never joins never tells: JAX waits out the timeout silently, then
-    # aborts (a C++ trace of RegisterTask's DEADLINE_EXCEEDED). Say what is awaited.
-    # (One that joins and then fails its checks tells: start_together.)
+    # A peer that never joins never tells. Say what is awaited, and end the wait with a
+    # line of our own: at its own deadline JAX aborts the process (SIGABRT, a C++ trace
+    # of RegisterTask's DEADLINE_EXCEEDED), through a callback that jaxlib 0.10 cannot
+    # take from Python (one raises std::bad_cast). So JAX gets a later deadline than
+    # ours. (A process that joins and then fails its checks tells: start_together.)
     print(f"process {group.process_id} of {group.num_processes}: joining at "
           f"{group.coordinator_address} (waits up to {timeout_s} s for every process)",
           file=sys.stderr, flush=True)
+    deadline = threading.Timer(timeout_s, _not_joined, (group, timeout_s))
+    deadline.daemon = True
+    deadline.start()
     try:
         with _sigint_held() as came:
             jax.distributed.initialize(
@@ -272,7 +277,7 @@ def initialize(
                                   else None),
                 # Resolved above; jax's own detection would pin each process to one GPU.
                 cluster_detection_method="deactivate",
-                initialization_timeout=timeout_s,
+                initialization_timeout=timeout_s + JAX_JOIN_GRACE_S,
             )
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -282,6 +287,8 @@ def initialize(
                 "(jax.devices(), jax.process_index(), any computation)"
             ) from None
         raise
+    finally:
+        deadline.cancel()
     _orbax_host_barriers()
     _current = group
     if came:
@@ -289,6 +296,25 @@ def initialize(
             raise KeyboardInterrupt
         _interrupted = True
     return group
+
+
+JAX_JOIN_GRACE_S = 60  # JAX's own join deadline comes this much after ours
+_LAUNCHERS = {"slurm": "SLURM", "openmpi": "Open MPI"}
+
+
+def _not_joined(group: ProcessGroup, timeout_s: int) -> None:
+    """Ends a process whose join outlived ``timeout_s`` (a timer thread's call: the join
+    blocks the main thread in C++). Status 1: no process ran anything yet."""
+    n = group.num_processes
+    hint = (f"start all {n} with the same --coordinator-address and --num-processes, each "
+            "with its own --process-id" if group.source == "flags"
+            else f"check that the {_LAUNCHERS.get(group.source, group.source)} job "
+                 f"started all {n} tasks")
+    print(f"error: process {group.process_id} of {n}: not every process joined at "
+          f"{group.coordinator_address} within {timeout_s} s; {hint}",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 @contextlib.contextmanager

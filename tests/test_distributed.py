@@ -683,6 +683,31 @@ def test_bad_settings_are_one_line_errors(kwargs, environ, message):
     assert isinstance(info.value, ValueError)  # the CLI maps it to exit status 2
 
 
+def test_a_process_that_never_joins_ends_the_others_with_one_line():
+    """Process 1 of 2 never starts: process 0 (the service) ends at its deadline with one
+    line and status 1, not JAX's abort 60 s later (SIGABRT and a C++ trace); and so does
+    a process 1 whose process 0 never starts (no service to reach)."""
+    script = ("import sys\nfrom jaxtrain import distributed\n"
+              "distributed.initialize(sys.argv[1], 2, int(sys.argv[2]), timeout_s=3)\n"
+              "print('joined')\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    start = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", script, f"127.0.0.1:{free_port()}",
+                               str(pid)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
+    for pid, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=120)
+        address = proc.args[3]
+        assert proc.returncode == 1, (proc.returncode, err[-2000:])
+        assert out == ""
+        assert err.strip().splitlines() == [
+            f"process {pid} of 2: joining at {address} (waits up to 3 s for every process)",
+            (f"error: process {pid} of 2: not every process joined at {address} within "
+             "3 s; start all 2 with the same --coordinator-address and --num-processes, "
+             "each with its own --process-id")]
+    assert time.perf_counter() - start < 3 + 30  # JAX's own deadline: 3 + 60 s
+
+
 def test_initialize_after_devices_are_in_use_is_refused(monkeypatch):
     import jax
 
