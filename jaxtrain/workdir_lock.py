@@ -37,7 +37,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from jaxtrain import distributed
 from jaxtrain.config import ConfigError
@@ -52,12 +52,12 @@ class WorkdirBusy(ConfigError):
 class _Lock:
     """``flock`` on ``FOLDER/run.lock``: ``acquire`` returns None once held, else why not.
 
-    ``busy`` is the refusal, ``{holder}`` standing for who holds the lock."""
+    ``busy(holder)`` is the refusal, given who holds the lock."""
 
-    def __init__(self, workdir: str, busy: str | None = None) -> None:
+    def __init__(self, workdir: str, busy: Callable[[str], str] | None = None) -> None:
         self.workdir = workdir
-        self.busy = busy or (f"--workdir {workdir} is in use by another run ({{holder}}); "
-                             "wait for it to end or use another --workdir")
+        self.busy = busy or (lambda holder: f"--workdir {workdir} is in use by another run "
+                             f"({holder}); wait for it to end or use another --workdir")
         self.path = os.path.join(workdir, LOCK_NAME)
         self.fd: int | None = None
         self.made: list[str] = []  # the folders this lock created, workdir first
@@ -79,7 +79,7 @@ class _Lock:
                     os.close(fd)
                     if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                         self._drop_made_folders()
-                        return self.busy.format(holder=holder)
+                        return self.busy(holder)
                     if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                         print(f"warning: {self.path} cannot be locked on this file system "
                               f"({e.strerror}); nothing stops a second run in this workdir",
@@ -194,8 +194,10 @@ def hold_report(workdir: str, folder: str) -> Iterator[None]:
     import jax
 
     path, folder = os.path.abspath(workdir), os.path.abspath(folder)
-    busy = (f"--workdir {path}: another robustness suite is writing {folder} ({{holder}}); "
-            "wait for it to end")
+    def busy(holder: str) -> str:
+        return (f"--workdir {path}: another robustness suite is writing {folder} ({holder}); "
+                "wait for it to end")
+
     lock = _Lock(folder, busy) if jax.process_index() == 0 else None
     with _held(lock, None):
         yield
