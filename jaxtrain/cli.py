@@ -2,7 +2,8 @@
 
 Exit status: 0 on success; 2 on bad input (one ``error: ...`` line on stderr, no
 traceback, nothing in the workdir touched); 1 on any other failure, with its
-traceback; 130 on Ctrl-C. Bad input is a ``ValueError`` or ``FileNotFoundError``
+traceback (one line when a collective failed because another process of the run
+ended); 130 on Ctrl-C. Bad input is a ``ValueError`` or ``FileNotFoundError``
 raised by jaxtrain's (or an experiment's) own code: ``ConfigError``,
 ``DataError``, ``ParallelError`` and the like. The same types raised inside a
 library (JAX, Orbax, ...) are bugs or environment failures and keep their
@@ -43,6 +44,17 @@ def exit_status(error: BaseException) -> int | None:
         tb = tb.tb_next
     raised_in = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
     return 2 if raised_in.split(".")[0] in _OWN_MODULES else None
+
+
+# A cross-process collective whose peer ended (gloo, the CPU collectives) fails with one
+# of these: the cause is in that process's own output, and the traceback here is noise.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def peer_gone(error: BaseException) -> bool:
+    """True when ``error`` is a collective failing because another process ended."""
+    text = str(error)
+    return "Gloo" in text and any(s in text for s in _PEER_GONE)
 
 
 def one_line(error: BaseException) -> str:
@@ -122,6 +134,11 @@ def run(
         return _failed(130)
     except Exception as e:  # noqa: BLE001  (every failure gets an exit status)
         status = exit_status(e)
+        if status is None and peer_gone(e):
+            print(f"error: another process of this run ended ({one_line(e)}); its own output "
+                  "says why; rerun the same command on every process to resume",
+                  file=sys.stderr)
+            return _failed(1)
         if status is None:
             traceback.print_exc()
             return _failed(1)

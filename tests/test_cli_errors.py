@@ -385,6 +385,21 @@ def test_exit_status_attribute(capsys):
     assert _run(body, capsys) == (3, "error: loss is nan at step 7\n")
 
 
+def test_a_collective_whose_peer_ended_is_one_line(capsys):
+    """Another process of a multi-process run ended (its own output says why): the
+    collective that found out fails with one line and status 1, not a traceback."""
+    gone = ("UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] "
+            "Connection closed by peer [127.0.0.1]:40364")
+
+    def body(config):
+        raise ValueError(gone)  # what jax raised in process_allgather (jaxlib 0.10.2)
+
+    line = (f"error: another process of this run ended ({gone}); its own output says why; "
+            "rerun the same command on every process to resume\n")
+    assert _run(body, capsys) == (1, line)
+    assert not cli.peer_gone(ValueError("Connection closed by peer"))  # not a collective's
+
+
 def test_ctrl_c_while_the_experiment_imports_exits_130_in_one_line(tmp_path):
     """JAX's import takes seconds; a Ctrl-C in it was lost (the run trained to the end,
     exit 0) or ended in a traceback. Held until cli.run starts, it exits 130 at once."""

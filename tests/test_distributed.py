@@ -101,6 +101,24 @@ def failing_worker(process_id: int, port: int) -> None:
     sys.exit(cli.run(TrainConfig, TrainConfig(), [], prog="worker", body=body))
 
 
+def peer_gone_worker(process_id: int, port: int, go: str) -> None:
+    """A CLI body in a 2-process group: process 1 ends after the join (status 3); process
+    0 waits for the file ``go`` (made once process 1 has ended), then meets a collective."""
+    from jaxtrain import cli, distributed
+    from jaxtrain.config import TrainConfig
+
+    def body(config):
+        distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
+        distributed.sync("jaxtrain-test:started")
+        if process_id == 1:
+            os._exit(3)
+        while not os.path.exists(go):
+            time.sleep(0.05)
+        distributed.from_process_0("hello")
+
+    sys.exit(cli.run(TrainConfig, TrainConfig(), [], prog="worker", body=body))
+
+
 def start_worker(workdir: str, process_id: int, port: int, case: str) -> None:
     """The digits-MLP CLI as process ``process_id`` of 2, in one of three start-ups:
     - ``crash-on-0``: process 0's data load fails with a bug (exit 1);
@@ -557,6 +575,30 @@ def test_a_failing_process_exits_at_once_though_its_peer_waits_for_it():
             p.communicate()
 
 
+def test_a_collective_whose_peer_ended_fails_in_one_line(tmp_path):
+    """Process 1 ends; process 0's next collective fails (gloo: connection closed by
+    peer) and cli.run reports it in one line, status 1, not a traceback."""
+    port, go = free_port(), tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, __file__, "peer-gone-worker", str(pid),
+                               str(port), str(go)], cwd=ROOT, env=cpu_env(1),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for pid in (0, 1)]
+    try:
+        assert procs[1].wait(timeout=120) == 3
+        go.touch()
+        _, err = procs[0].communicate(timeout=120)
+        last = err.strip().splitlines()[-1]
+        assert procs[0].returncode == 1, err[-3000:]
+        assert "Traceback" not in err
+        assert re.fullmatch(r"error: another process of this run ended \(.*Gloo .*Connection "
+                            r"(closed|reset) by peer.*\); its own output says why; rerun the "
+                            r"same command on every process to resume", last), last
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+
+
 @pytest.mark.slow
 def test_cli_two_processes_fused_steps_match_one_process(tmp_path):
     """--steps-per-call 5 over a mesh that spans 2 processes (each places its rows of
@@ -727,6 +769,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker(out_dir, kind_arg, int(n_arg), int(pid_arg), int(port_arg))
 if __name__ == "__main__" and sys.argv[1:2] == ["failing-worker"]:
     failing_worker(int(sys.argv[2]), int(sys.argv[3]))
+if __name__ == "__main__" and sys.argv[1:2] == ["peer-gone-worker"]:
+    peer_gone_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
 if __name__ == "__main__" and sys.argv[1:2] == ["start-worker"]:
     start_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
 if __name__ == "__main__" and sys.argv[1:2] == ["workdir-worker"]:
