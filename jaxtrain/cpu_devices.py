@@ -20,11 +20,16 @@ from jaxtrain.parallel import ParallelError, Strategy
 # ``--cpu-devices 0`` (auto) splits these models' steps over the cores ...
 AUTO_CPU_SPLIT_MODELS = frozenset({"cnn"})
 # ... while each device still gets this many input pixels per step (batch / n * H * W).
-# Measured on 2 cores (benchmarks.throughput, MNIST-shape CNN, 2 devices against one):
-# batch 128 (50k pixels per device) 1.17-1.46x; batch 64 (25k) 0.79-0.93x; batch 32
-# 0.73-0.81x; the 8x8 digits at batch 128 (4k) 0.51-0.60x. ResNet-18 at CIFAR shape,
-# batch 32, was 0.73x (likely because Eigen already spreads its large convolutions over
-# the cores), so it is not split.
+# Measured on 2 shared cores, whole runs through the loop (today's defaults: fused steps
+# but for ResNet-18; steady steps/s of 2 devices over one, alternated rounds, median (range);
+# benchmarks/results/whole_runs-cpu-split-<case>.json, "-again" a longer rerun): the
+# MNIST-shape CNN at batch 128 (50k pixels per device) 0.98x (0.70-1.22) and, 6 rounds,
+# 1.02x (0.86-1.12): no longer faster; batch 64 (25k) 0.95x (0.86-1.33) and 0.95x
+# (0.75-1.00); batch 32 0.79x (0.78-0.84); the 8x8 digits at batch 128 (4k) 1.01x
+# (0.89-1.67, load 5.6) and 0.85x (0.78-1.15); the digits MLP at batch 128 0.66x
+# (0.66-0.71); ResNet-18 at CIFAR shape, batch 32 (not split), 1.03x (0.82-1.07; 14
+# steps a run). By hand, before fused steps (no results file): batch 128 1.17-1.46x,
+# 64 0.79-0.93x, 32 0.73-0.81x, the digits 0.51-0.60x, ResNet-18 0.73x.
 AUTO_CPU_MIN_PIXELS_PER_DEVICE = 2**15
 # Never more than this many (each holds its own copy of device-resident data; more than
 # 2 was never measured faster).
