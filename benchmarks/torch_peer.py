@@ -115,6 +115,9 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         "pmap", flags="--xla_cpu_enable_fast_math=true"),
     "2 CPU devices, pmap, bf16": _on_cpu_devices("pmap", dtype="bfloat16"),
     "4 CPU devices, pmap": _on_cpu_devices("pmap", 4),
+    # the loop's default for mnist_cnn before --cpu-devices auto stopped splitting single
+    # runs (2026-12-07): a 2-device mesh with 29 steps per call
+    "2 CPU devices, mesh, 29 steps per call": _on_cpu_devices("mesh", steps_per_call=29),
     # XLA:CPU's default convolutions (YNNPACK), which jaxtrain's jit programs leave for
     # Eigen's (jaxtrain.compile_options; pmap keeps them): the CNN's conv "auto" takes
     # the matmul weight gradients (jaxtrain.conv) on one CPU device there
@@ -788,11 +791,10 @@ def _auto_cpu_devices_variant(base: dict[str, Any]) -> tuple[dict[str, Any], str
     from experiments.mnist_cnn import DEFAULTS  # imports jax, starts nothing
     from jaxtrain import data as data_lib
     from jaxtrain import fusing
-    from jaxtrain.cpu_devices import auto_cpu_devices, usable_cores
+    from jaxtrain.cpu_devices import resolve_cpu_devices
 
-    hw = throughput.SHAPES[base.get("data", "mnist")][:2]
-    n = auto_cpu_devices(base["model"], base["batch_size"], hw, usable_cores())
     config = DEFAULTS.replace(model=base["model"], batch_size=base["batch_size"])
+    n = resolve_cpu_devices(config, throughput.SHAPES[base.get("data", "mnist")])
     per_epoch = data_lib.steps_per_epoch(
         MNIST_TRAIN - data_lib.holdout_count(MNIST_TRAIN, config.val_fraction), config.batch_size)
     k = fusing.auto_steps_per_call(config, "cpu", "mesh" if n > 1 else "none", False, per_epoch)

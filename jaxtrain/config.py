@@ -86,8 +86,7 @@ class TrainConfig:
     parallel: Literal["auto", "none", "pmap", "mesh"] = "auto"
     devices: int = 0
     # make this host's CPU this many XLA devices; 0 = auto (cpu_devices.resolve_cpu_devices:
-    # one per core for the CNN at batches that keep each core busy, or for a
-    # seed run with enough work per core (seed-parallel), else JAX's one)
+    # one per core for a seed run with enough work per core (seed-parallel), else JAX's one)
     cpu_devices: int = 0
     coordinator_address: str | None = None
     num_processes: int | None = None
@@ -380,10 +379,9 @@ FLAG_HELP = {
     "data_placement": "where the training split lives: device (batches gathered in the "
                       "step), host (prefetched batches) or auto (device when it fits)",
     "cpu_devices": "make this host's CPU N XLA devices before JAX starts, so the step runs "
-                   "data-parallel over the cores (--parallel auto); 0 = auto: for the CNN, "
-                   "the most devices (<= cores) that divide the batch and keep >= 32768 input "
-                   "pixels per device (MNIST at batch 128: 2); for a seed run, the most "
-                   "that divide --num-seeds and the batch and keep enough per device (MLP "
+                   "data-parallel over the cores (--parallel auto); 0 = auto: for a seed "
+                   "run, the most devices (<= cores) that divide --num-seeds and the batch "
+                   "and keep enough input pixels per device (MLP "
                    "16384 pixels, CNN and ResNets 32768), each holding its seeds (as "
                    "--seed-parallel; 16 digits seeds: 2); else one; 1 = one device",
 }

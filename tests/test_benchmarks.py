@@ -207,22 +207,33 @@ def test_host_and_device_placement_train_identically(tmp_path, monkeypatch):
 
 
 def test_torch_peer_default_cnn_variant_is_what_auto_cpu_devices_picks(monkeypatch):
+    """The loop's default for mnist_cnn on CPU: the devices ``resolve_cpu_devices`` makes
+    (one: auto splits only seed runs, tests/test_cpu_devices.py), its steps fused (K=29
+    for 5 epochs of 421 steps: auto_steps_per_call); a split where it would make one."""
+    from experiments.mnist_cnn import DEFAULTS as MNIST
     from jaxtrain import cpu_devices
 
     assert torch_peer.AUTO_VARIANT in torch_peer.CNN_VARIANTS
-    monkeypatch.setattr(cpu_devices, "usable_cores", lambda: 2)
-    # mnist_cnn's default run: 5 epochs of 421 steps, K=29 (auto_steps_per_call)
-    assert torch_peer._auto_cpu_devices_variant({"model": "cnn", "batch_size": 128}) == (
-        {"parallel": "mesh", "devices": 2, "steps_per_call": 29},
-        "--xla_force_host_platform_device_count=2")
-    # batch 16: no split (too few pixels per device), one device fused
-    from experiments.mnist_cnn import DEFAULTS as MNIST
+    asked = []
 
+    def resolve(config, image_shape, resident=True):
+        asked.append((config.model, config.batch_size, config.num_seeds, tuple(image_shape)))
+        return devices
+
+    monkeypatch.setattr(cpu_devices, "resolve_cpu_devices", resolve)
+    devices = 0
+    assert torch_peer._auto_cpu_devices_variant({"model": "cnn", "batch_size": 128}) == (
+        {"steps_per_call": 29}, "")
+    assert asked == [("cnn", 128, 1, (28, 28, 1))]
     k16 = fusing.auto_steps_per_call(MNIST.replace(batch_size=16), "cpu", "none", False,
-                                   54_000 // 16)
+                                     54_000 // 16)
     assert k16 > 1
     assert torch_peer._auto_cpu_devices_variant({"model": "cnn", "batch_size": 16}) == (
         {"steps_per_call": k16}, "")
+    devices = 2
+    assert torch_peer._auto_cpu_devices_variant({"model": "cnn", "batch_size": 128}) == (
+        {"parallel": "mesh", "devices": 2, "steps_per_call": 29},
+        "--xla_force_host_platform_device_count=2")
 
 
 # ----------------------------------------------------------------------------- bfloat16

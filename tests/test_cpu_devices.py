@@ -1,9 +1,9 @@
 """``--cpu-devices``: how many XLA:CPU devices a run makes (``jaxtrain.cpu_devices``).
 
-The auto rules split only where the figures in ``cpu_devices`` say it pays; auto
-defers to every setting that fixes the device count; and a fresh process left on
-auto trains over the cores exactly as one device does (the CNN's batch split, an
-MLP seed run's seeds split).
+The auto rules split only where the figures in ``cpu_devices`` say it pays (a seed
+run's seeds, not a single run's batch); auto defers to every setting that fixes the
+device count; and a fresh process trains over the cores exactly as one device does
+(the CNN's batch split by ``--cpu-devices 2``, an MLP seed run's seeds split by auto).
 """
 
 from __future__ import annotations
@@ -30,23 +30,6 @@ def test_use_cpu_devices_after_jax_started():
     use_cpu_devices(len(jax.devices("cpu")))  # already so: nothing to do
     with pytest.raises(ParallelError, match=r"--cpu-devices 3 must be set before JAX starts"):
         use_cpu_devices(3)
-
-
-def test_auto_cpu_devices_splits_the_cnn_while_each_device_gets_enough_pixels():
-    from jaxtrain.cpu_devices import AUTO_CPU_MIN_PIXELS_PER_DEVICE, auto_cpu_devices
-
-    assert AUTO_CPU_MIN_PIXELS_PER_DEVICE == 2**15  # the figures below assume it
-    assert auto_cpu_devices("cnn", 128, (28, 28), cores=2) == 2  # 64 * 784 = 50k pixels
-    assert auto_cpu_devices("cnn", 128, (28, 28), cores=16) == 2  # 4 devices: 25k
-    assert auto_cpu_devices("cnn", 512, (28, 28), cores=16) == 8  # 64 * 784 each
-    assert auto_cpu_devices("cnn", 4096, (28, 28), cores=64) == 8  # AUTO_CPU_MAX_DEVICES
-    assert auto_cpu_devices("cnn", 64, (28, 28), cores=2) == 0  # 32 * 784 = 25k: slower
-    assert auto_cpu_devices("cnn", 128, (8, 8), cores=2) == 0  # digits: 4k pixels
-    assert auto_cpu_devices("cnn", 128, (28, 28), cores=1) == 0
-    assert auto_cpu_devices("cnn", 96, (32, 32), cores=4) == 3  # 3 divides 96; 4 does not fit
-    assert auto_cpu_devices("cnn", 127, (64, 64), cores=8) == 0  # prime batch: no split
-    for model in ("mlp", "resnet18", "cnn_xlaconv"):
-        assert auto_cpu_devices(model, 4096, (32, 32), cores=8) == 0
 
 
 def test_auto_seed_cpu_devices_splits_seeds_while_each_device_gets_enough_pixels():
@@ -89,8 +72,8 @@ def test_resolve_cpu_devices_applies_auto_only_where_the_run_is_free_to_split(mo
     def resolve(image_shape=(28, 28, 1), resident=True, **changes):
         return cpu_devices.resolve_cpu_devices(base.replace(**changes), image_shape, resident)
 
-    assert resolve() == 2
-    assert resolve(batch_size=256) == 4
+    assert resolve() == 0  # a single run stays on one device (no faster split: fused steps)
+    assert resolve(batch_size=256) == 0
     assert resolve(cpu_devices=3) == 3  # the user's count, whatever the model
     assert resolve(model="mlp", cpu_devices=2) == 2
     assert resolve(model="mlp") == 0
@@ -101,34 +84,35 @@ def test_resolve_cpu_devices_applies_auto_only_where_the_run_is_free_to_split(mo
     assert resolve((8, 8, 1), **seeds, parallel="mesh", seed_parallel=True) == 2
     assert resolve((8, 8, 1), **seeds, parallel="pmap") == 0  # seed runs refuse pmap
     assert resolve((8, 8, 1), **{**seeds, "num_seeds": 4}) == 0
-    assert resolve(num_seeds=2) == 2  # CNN seeds: split by seed, a seed per core
+    cnn_seeds = {"num_seeds": 2}  # CNN seeds: split by seed, a seed per core
+    assert resolve(**cnn_seeds) == 2
     assert resolve(num_seeds=2, batch_size=32) == 0  # 25k pixels per device
-    for changes in ({"num_seeds": 2, "parallel": "none"}, {"parallel": "none"}, {"devices": 2},
+    for changes in ({"parallel": "none"}, {"devices": 2}, {"parallel": "pmap"},
                     {"coordinator_address": "127.0.0.1:1234",
                      "num_processes": 2, "process_id": 0}):
-        assert resolve(**changes) == 0, changes
-    assert resolve(parallel="pmap") == 2
-    assert resolve(steps_per_call=1) == 2
-    assert resolve(steps_per_call=4) == 2  # fused calls run on a mesh with resident data ...
-    assert resolve(steps_per_call=4, resident=False) == 0  # ... not with host batches
-    assert resolve(resident=False) == 2  # single steps split either way
+        assert resolve(**cnn_seeds, **changes) == 0, changes
+    assert resolve(**cnn_seeds, steps_per_call=1) == 2
+    assert resolve(**cnn_seeds, steps_per_call=4) == 2  # fused calls with resident data ...
+    assert resolve(**cnn_seeds, steps_per_call=4, resident=False) == 0  # ... not host batches
+    assert resolve(**cnn_seeds, resident=False) == 2  # single steps split either way
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")  # a cluster's processes: never split
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_STEP_NODELIST", "node1")
     monkeypatch.setenv("SLURM_JOB_ID", "7")
-    assert resolve() == 0
+    assert resolve(**cnn_seeds) == 0
     for name in ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_STEP_NODELIST", "SLURM_JOB_ID"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4")
-    assert resolve() == 0
+    assert resolve(**cnn_seeds) == 0
     monkeypatch.delenv("JAX_NUM_CPU_DEVICES")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    assert resolve() == 0
+    assert resolve(**cnn_seeds) == 0
 
 
 def _run_with_auto_cpu_devices(module: str, workdir, flags: list[str]) -> tuple[dict, dict]:
     """``python -m experiments.<module>`` in a fresh process whose device count nothing
-    fixes (``--cpu-devices`` auto decides); its ``summary.json`` and ``config.json``."""
+    but ``flags`` fixes (``--cpu-devices`` decides); its ``summary.json`` and
+    ``config.json``."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     env.update({"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
     proc = subprocess.run(
@@ -139,23 +123,19 @@ def _run_with_auto_cpu_devices(module: str, workdir, flags: list[str]) -> tuple[
             json.loads((workdir / "config.json").read_text()))
 
 
-def test_auto_cpu_devices_trains_the_cnn_over_the_cores_like_one_device(tmp_path):
-    """A fresh process with no device count fixed (``--cpu-devices`` left at auto)
-    splits the MNIST-shape CNN at batch 128 over the cores (``--parallel auto`` =
+def test_cpu_devices_trains_the_cnn_over_the_cores_like_one_device(tmp_path):
+    """A fresh process with ``--cpu-devices 2`` (auto leaves a single run on one device)
+    splits the MNIST-shape CNN at batch 128 over 2 CPU devices (``--parallel auto`` =
     mesh) and fuses its steps, records the count, and trains as one device does."""
-    from jaxtrain.cpu_devices import auto_cpu_devices, usable_cores
     from jaxtrain.loop import train_and_evaluate
 
-    want = auto_cpu_devices("cnn", 128, (28, 28), usable_cores())
-    if want < 2:
-        pytest.skip(f"auto makes no split on {usable_cores()} core(s)")
     flags = ["--dataset", "synthetic", "--synthetic-shape", "28,28,1", "--synthetic-size", "640",
              "--epochs", "1", "--eval-batch-size", "128", "--progress", "none",
-             "--compilation-cache", ""]
+             "--compilation-cache", "", "--cpu-devices", "2"]
     auto, manifest = _run_with_auto_cpu_devices("mnist_cnn", tmp_path / "auto", flags)
-    assert (auto["num_devices"], auto["strategy"]) == (want, "mesh")
+    assert (auto["num_devices"], auto["strategy"]) == (2, "mesh")
     assert auto["steps"] == 3 and auto["steps_per_call"] == 3  # and fuses them: one call
-    assert (manifest["cpu_devices"], manifest["config"]["cpu_devices"]) == (want, 0)
+    assert (manifest["cpu_devices"], manifest["config"]["cpu_devices"]) == (2, 2)
 
     from experiments.mnist_cnn import DEFAULTS
 
