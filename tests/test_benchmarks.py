@@ -24,7 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import common, pipeline, throughput, time_to_accuracy, torch_peer, whole_runs
+from benchmarks import (
+    common,
+    conv_loops,
+    pipeline,
+    throughput,
+    time_to_accuracy,
+    torch_peer,
+    whole_runs,
+)
 from experiments.digits_mlp import DEFAULTS
 from jaxtrain import fusing, loop, program
 from jaxtrain.checkpoint import load_params
@@ -426,6 +434,48 @@ def test_whole_runs_reports_a_failed_run_in_one_error(capsys):
     assert whole_runs.main(["--args", "--epochs -1", "--rounds", "1"]) == 1
     err = capsys.readouterr().err
     assert "error: variant 'auto'" in err and "--epochs must be > 0, got -1" in err
+
+
+# ----------------------------------------------------------------------------- conv_loops
+
+
+def test_conv_loops_summary_gives_median_range_and_per_round_speedups():
+    case = conv_loops.Case("demo", {"xla": None, "conv_nhwc": None}, 3, "s/iteration",
+                           {}, {"xla": 1.0, "conv_nhwc": 2.0})
+    case.seconds = {"xla": [1.0, 3.0, 2.0], "conv_nhwc": [0.5, 1.0, 2.0]}
+    s = conv_loops.summarize(case)
+    assert s["reference"] == "xla" and s["per_call"] == 3
+    ref, v = s["variants"]
+    assert ref["speedup_vs_xla_per_round"] == [1.0, 1.0, 1.0]
+    assert v["speedup_vs_xla_per_round"] == [2.0, 3.0, 1.0]
+    assert (v["median_s"], v["min_s"], v["max_s"]) == (1.0, 0.5, 2.0)
+    assert (v["speedup_vs_xla_median"], v["speedup_vs_xla_min"],
+            v["speedup_vs_xla_max"]) == (2.0, 1.0, 3.0)
+
+
+def test_conv_loops_smoke_checks_values_and_writes_figures(tmp_path, capsys):
+    """Tiny sizes, one PGD model: the variants agree (the benchmark asserts it) and every
+    case has a time per round for every variant."""
+    assert conv_loops.main(["--smoke", "--models", "resnet_tiny", "--out", str(tmp_path),
+                            "--note", "test"]) == 0
+    assert "speedup" in capsys.readouterr().out
+    doc = _load(tmp_path / "conv_loops-cpu-smoke.json")
+    assert doc["machine"]["note"] == "test" and doc["machine"]["compiler_options"]
+    assert len(doc["loads"]) == doc["rounds"] == 2
+    names = [c["case"] for c in doc["cases"]]
+    assert names == [f"{g} gradient, {w}" for g in ("kernel", "input")
+                     for w in ("direct", "fori_loop")] + ["pgd_linf 2 steps, resnet_tiny 8x8x3"]
+    for c in doc["cases"]:
+        assert c["variants"][0]["variant"] == "xla"
+        for v in c["variants"]:
+            assert len(v["seconds"]) == 2 and v["min_s"] <= v["median_s"] <= v["max_s"]
+            assert len(v["speedup_vs_xla_per_round"]) == 2
+    assert all(c["check"]["allclose"] for c in doc["cases"][:4])
+    assert doc["cases"][1]["unit"] == "s/iteration" and doc["cases"][1]["per_call"] == 2
+    pgd = doc["cases"][4]["check"]["nhwc_vjp"]
+    assert pgd["fraction_pixels_different"] <= conv_loops.MAX_PGD_PIXELS_DIFFERENT
+    with pytest.raises(SystemExit):
+        conv_loops.parse_args(["--models", "vgg"])
 
 
 # ----------------------------------------------------------------------------- end to end (slow)
