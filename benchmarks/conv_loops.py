@@ -317,8 +317,10 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from jaxtrain import compiler_options  # imports jax: after the flags are parsed
+
     info = common.machine_info(args.note)
-    info["compiler_options"] = _compiler_options()
+    info["compiler_options"] = compiler_options()
     t0 = time.perf_counter()
     cases = []
     if "grad" in args.parts:
@@ -348,12 +350,6 @@ def main(argv=None) -> int:
         "wall_s": time.perf_counter() - t0, "memory": common.peak_memory(),
         "cases": summary})
     return 0
-
-
-def _compiler_options() -> dict[str, str] | None:
-    from jaxtrain import compiler_options
-
-    return compiler_options()
 
 
 if __name__ == "__main__":

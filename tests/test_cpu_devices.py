@@ -109,7 +109,7 @@ def test_resolve_cpu_devices_applies_auto_only_where_the_run_is_free_to_split(mo
     assert resolve(**cnn_seeds) == 0
 
 
-def _run_with_auto_cpu_devices(module: str, workdir, flags: list[str]) -> tuple[dict, dict]:
+def _run_in_fresh_process(module: str, workdir, flags: list[str]) -> tuple[dict, dict]:
     """``python -m experiments.<module>`` in a fresh process whose device count nothing
     but ``flags`` fixes (``--cpu-devices`` decides); its ``summary.json`` and
     ``config.json``."""
@@ -132,7 +132,7 @@ def test_cpu_devices_trains_the_cnn_over_the_cores_like_one_device(tmp_path):
     flags = ["--dataset", "synthetic", "--synthetic-shape", "28,28,1", "--synthetic-size", "640",
              "--epochs", "1", "--eval-batch-size", "128", "--progress", "none",
              "--compilation-cache", "", "--cpu-devices", "2"]
-    auto, manifest = _run_with_auto_cpu_devices("mnist_cnn", tmp_path / "auto", flags)
+    auto, manifest = _run_in_fresh_process("mnist_cnn", tmp_path / "auto", flags)
     assert (auto["num_devices"], auto["strategy"]) == (2, "mesh")
     assert auto["steps"] == 3 and auto["steps_per_call"] == 3  # and fuses them: one call
     assert (manifest["cpu_devices"], manifest["config"]["cpu_devices"]) == (2, 2)
@@ -160,7 +160,7 @@ def test_auto_cpu_devices_trains_mlp_seeds_seed_parallel_like_one_device(tmp_pat
         pytest.skip(f"auto makes no split on {usable_cores()} core(s)")
     flags = ["--num-seeds", "4", "--batch-size", "128", "--epochs", "1", "--no-robustness",
              "--progress", "none", "--compilation-cache", ""]
-    auto, manifest = _run_with_auto_cpu_devices("digits_seeds", tmp_path / "auto", flags)
+    auto, manifest = _run_in_fresh_process("digits_seeds", tmp_path / "auto", flags)
     assert (auto["num_devices"], auto["strategy"], auto["seed_parallel"]) == (want, "mesh", True)
     assert (manifest["cpu_devices"], manifest["config"]["cpu_devices"]) == (want, 0)
     assert manifest["config"]["seed_parallel"] is True
