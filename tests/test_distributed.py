@@ -24,6 +24,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30
 SAVE_EVERY = 3
+# jaxtrain.peers' line for a process that ended unplanned (not imported: it imports jax)
+SILENT = "ended without a word (killed by a signal: SIGKILL, the OOM killer? or its host went down)"
+RERUN = "its own output says why; rerun the same command on every process to resume"
 
 
 # ----------------------------------------------------------------------------- worker
@@ -103,12 +106,13 @@ def failing_worker(process_id: int, port: int) -> None:
 
 def peer_gone_worker(process_id: int, port: int, go: str) -> None:
     """A CLI body in a 2-process group: process 1 ends after the join (status 3); process
-    0 waits for the file ``go`` (made once process 1 has ended), then meets a collective."""
+    0 waits for the file ``go`` (made once process 1 has ended), then meets a collective.
+    Unwatched (``watch_peers=False``): the collective's own failure is under test."""
     from jaxtrain import cli, distributed
     from jaxtrain.config import TrainConfig
 
     def body(config):
-        distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
+        distributed.initialize(f"127.0.0.1:{port}", 2, process_id, watch_peers=False)
         distributed.sync("jaxtrain-test:started")
         if process_id == 1:
             os._exit(3)
@@ -197,7 +201,7 @@ def sigterm_worker(process_id: int, port: int) -> None:
         time.sleep(5)
         print("still running after SIGTERM", flush=True)
         os._exit(0)
-    time.sleep(2)  # process 0 hosts the coordinator: leave after process 1 is gone
+    time.sleep(60)  # jaxtrain.peers ends it once process 1 is gone
     os._exit(0)
 
 
@@ -376,12 +380,14 @@ def test_multi_process_bad_input_exits_2_on_every_process(tmp_path):
 
 def test_sigterm_after_training_ends_a_multi_process_run_at_once():
     """After training (the robustness suite) SIGTERM ends a process of a multi-process
-    run at once, as it does a single process; JAX's notifier swallowed it before."""
+    run at once, as it does a single process; JAX's notifier swallowed it before. Its
+    peer hears of it (``jaxtrain.peers``) and ends too, in one line."""
     port = free_port()
     results = run_all([([sys.executable, __file__, "sigterm-worker", str(pid), str(port)], 1)
                        for pid in (0, 1)], timeout=120)
     assert results[1].returncode == -signal.SIGTERM, results[1].stdout + results[1].stderr[-2000:]
-    assert results[0].returncode == 0, results[0].stderr[-2000:]
+    assert results[0].returncode == 1, results[0].stderr[-2000:]
+    assert results[0].stderr.strip().splitlines()[-1] == f"error: process 1 of 2 {SILENT}; {RERUN}"
 
 
 def cli_two_and_one(tmp_path: Path, *flags: str, module: str = "digits_mlp"
@@ -558,8 +564,9 @@ def test_start_up_failures_end_every_process_cleanly(tmp_path):
 
 def test_a_failing_process_exits_at_once_though_its_peer_waits_for_it():
     """Process 1 of 2 fails while process 0 waits for it in a collective: process 1
-    reports and exits 1 at once, not after JAX's 5-minute shutdown barrier (process 0
-    stops ~100 s later, when the coordinator misses its heartbeats; not waited for)."""
+    reports and exits 1 at once, not after JAX's 5-minute shutdown barrier, and process 0
+    hears of it (``jaxtrain.peers``) and ends in one line, not ~100 s later when JAX
+    aborted it for the missed heartbeats."""
     port = free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "failing-worker", str(pid), str(port)],
                               cwd=ROOT, env=cpu_env(1), stdout=subprocess.PIPE,
@@ -568,7 +575,11 @@ def test_a_failing_process_exits_at_once_though_its_peer_waits_for_it():
         _, err = procs[1].communicate(timeout=120)  # 300+ s before the change
         assert procs[1].returncode == 1, err[-3000:]
         assert "RuntimeError: process 1 fails here" in err
-        assert procs[0].poll() is None  # still waiting for its peer
+        _, err = procs[0].communicate(timeout=20)
+        assert procs[0].returncode == 1, err[-3000:]
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1] == (
+            f"error: process 1 of 2 ended with exit status 1; {RERUN}")
     finally:
         for p in procs:
             p.kill()
@@ -597,6 +608,47 @@ def test_a_collective_whose_peer_ended_fails_in_one_line(tmp_path):
         for p in procs:
             p.kill()
             p.communicate()
+
+
+@pytest.mark.slow
+def test_a_process_killed_in_training_ends_the_other_at_once_and_the_rerun_finishes(tmp_path):
+    """kill -9 of process 1 while both train: process 0 waited in the step's collective
+    until JAX aborted it (status 134 and a C++ trace, ~80 s after the kill). Now it ends
+    at once with one line (``jaxtrain.peers``), and the same command finishes the run."""
+    base = [sys.executable, "-m", "experiments.digits_mlp", "--parallel", "mesh",
+            "--epochs", "60", "--compilation-cache", "", "--progress", "log",
+            "--log-every", "5", "--checkpoint-every", "10", "--workdir", str(tmp_path)]
+
+    def two_processes() -> list[subprocess.Popen]:
+        port = free_port()
+        return [subprocess.Popen(
+            base + ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                    "--process-id", str(pid)],
+            cwd=ROOT, env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for pid in (0, 1)]
+
+    procs = first = two_processes()
+    try:
+        for line in procs[0].stdout:
+            if (m := re.match(r"step (\d+) train", line)) and int(m.group(1)) >= 30:
+                break
+        procs[1].kill()
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        took = time.monotonic() - killed
+        procs[1].communicate()
+        procs = two_processes()  # the same command again: it resumes and ends
+        resumed = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in (*first, *procs):
+            p.kill()
+    assert first[0].returncode == 1, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"error: process 1 of 2 {SILENT}; {RERUN}", err[-3000:]
+    assert "Traceback" not in err
+    assert took < 30, took  # JAX's heartbeat abort came after ~80 s
+    check_ok([subprocess.CompletedProcess(p.args, p.returncode, *out)
+              for p, out in zip(procs, resumed)])
+    assert json.loads((tmp_path / "summary.json").read_text())["resumed_from_step"] >= 10
 
 
 @pytest.mark.slow
