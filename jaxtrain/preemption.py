@@ -36,7 +36,8 @@ class PreemptionGuard:
     Orbax barriers and hung (2 processes x 2 CPU devices, one SIGTERM each). So there
     SIGTERM is left to JAX's preemption notifier (set up by ``jax.distributed``), a
     SIGINT is passed on to it as a SIGTERM, and ``due`` is JAX's preemption sync point:
-    true at the same call on every process."""
+    true at the same call on every process. From then on a SIGTERM ends the process at
+    once, as a second signal does for one process."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -66,7 +67,17 @@ class PreemptionGuard:
             self._asked = (call, multihost_utils.reached_preemption_sync_point(call))
             if self._asked[1]:
                 self.signum = self.signum or signal.SIGTERM
+                self._second_sigterm_ends()
         return self._asked[1]
+
+    def _second_sigterm_ends(self) -> None:
+        """Every process stops now: a SIGTERM during the save ends this one at once (JAX's
+        notifier would only record it; Python cannot hand SIGTERM back to it, and no sync
+        point follows). Its peers hear of it (``jaxtrain.peers``) and end too."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            print("every process stops at this step: saving a checkpoint, then exiting (a "
+                  "SIGTERM now exits at once)", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

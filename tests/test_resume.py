@@ -485,6 +485,36 @@ time.sleep(120)  # a long save: the second signal must not wait for it
 """
 
 
+SYNCED_GUARD_SCRIPT = """
+import signal, time
+from jax.experimental import multihost_utils
+from jaxtrain.preemption import PreemptionGuard
+signal.signal(signal.SIGTERM, lambda signum, frame: None)  # JAX's notifier: records only
+multihost_utils.reached_preemption_sync_point = lambda call: call == 3
+guard = PreemptionGuard(processes=2)
+guard.synced = True  # as with jax.distributed's preemption service
+guard.install()
+print("not due" if guard.due(2) else "due" if guard.due(3) else "never", flush=True)
+time.sleep(120)  # a long save: a SIGTERM must not wait for it
+"""
+
+
+def test_multi_process_sigterm_exits_at_once_after_the_processes_agree_to_stop():
+    """With several processes JAX's notifier holds SIGTERM; once the sync point says
+    every process stops (``due``), a SIGTERM during the save ends the process at once."""
+    proc = subprocess.Popen([sys.executable, "-c", SYNCED_GUARD_SCRIPT], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        assert proc.stdout.readline().strip() == "due"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+        assert "a SIGTERM now exits at once" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def test_second_signal_exits_at_once(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", GUARD_SCRIPT], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
