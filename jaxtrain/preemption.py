@@ -36,8 +36,8 @@ class PreemptionGuard:
     Orbax barriers and hung (2 processes x 2 CPU devices, one SIGTERM each). So there
     SIGTERM is left to JAX's preemption notifier (set up by ``jax.distributed``), a
     SIGINT is passed on to it as a SIGTERM, and ``due`` is JAX's preemption sync point:
-    true at the same call on every process. From then on a SIGTERM ends the process at
-    once, as a second signal does for one process."""
+    true at the same call on every process. From then on SIGTERM is handled as for one
+    process: a notice, and a second one ends the process at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -71,13 +71,18 @@ class PreemptionGuard:
         return self._asked[1]
 
     def _second_sigterm_ends(self) -> None:
-        """Every process stops now: a SIGTERM during the save ends this one at once (JAX's
-        notifier would only record it; Python cannot hand SIGTERM back to it, and no sync
-        point follows). Its peers hear of it (``jaxtrain.peers``) and end too."""
+        """Every process stops now, and no sync point follows: a SIGTERM that comes during
+        the save gets the single-process treatment, a notice, and a second one ends the
+        process at once (JAX's notifier only recorded them; its peers hear of the end
+        through ``jaxtrain.peers``). The first is not fatal: a scheduler's SIGTERM may
+        reach this process only now, after another process's started the stop."""
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            print("every process stops at this step: saving a checkpoint, then exiting (a "
-                  "SIGTERM now exits at once)", file=sys.stderr, flush=True)
+            signal.signal(signal.SIGTERM, self._handle_late)
+
+    def _handle_late(self, signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print("received SIGTERM: every process is already saving a checkpoint, then exiting "
+              "(send it again to exit at once)", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

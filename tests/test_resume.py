@@ -495,21 +495,27 @@ guard = PreemptionGuard(processes=2)
 guard.synced = True  # as with jax.distributed's preemption service
 guard.install()
 print("not due" if guard.due(2) else "due" if guard.due(3) else "never", flush=True)
-time.sleep(120)  # a long save: a SIGTERM must not wait for it
+for _ in range(1200):
+    time.sleep(0.1)  # a long save: a second SIGTERM must not wait for it
 """
 
 
-def test_multi_process_sigterm_exits_at_once_after_the_processes_agree_to_stop():
+def test_multi_process_second_sigterm_exits_at_once_after_the_processes_agree_to_stop():
     """With several processes JAX's notifier holds SIGTERM; once the sync point says
-    every process stops (``due``), a SIGTERM during the save ends the process at once."""
+    every process stops (``due``), SIGTERMs during the save are handled as for one
+    process: the first is noted (it may be the scheduler's, reaching this process only
+    now), the second ends the process at once."""
     proc = subprocess.Popen([sys.executable, "-c", SYNCED_GUARD_SCRIPT], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     try:
         assert proc.stdout.readline().strip() == "due"
         proc.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)  # noted, not fatal
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == -signal.SIGTERM
-        assert "a SIGTERM now exits at once" in proc.stderr.read()
+        assert "received SIGTERM: every process is already saving" in proc.stderr.read()
     finally:
         proc.kill()
         proc.communicate()
