@@ -30,6 +30,9 @@ Open MPI 5 no longer has. Here a process drives every visible device when it
 is alone on its node, and one device (its local rank) when several tasks
 share a node, unless the launcher already narrowed ``CUDA_VISIBLE_DEVICES``.
 
+Once joined, every process watches the others (``jaxtrain.peers``): one that ends
+unplanned, killed or failing alone, ends the rest at once with one line each.
+
 Pure parsing lives in :func:`detect` (tests pass a fake environment); only
 :func:`initialize` has effects.
 """
