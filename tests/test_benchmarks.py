@@ -27,6 +27,7 @@ import pytest
 from benchmarks import (
     common,
     conv_loops,
+    peer_death,
     pipeline,
     throughput,
     time_to_accuracy,
@@ -558,3 +559,22 @@ def test_gpu_check_smoke(tmp_path):
     assert summary["smoke"] and summary["device"]
     assert summary["steps"]["seeds"]["status"] == "passed"
     assert summary["figures"]["seeds/2_in_one_program"]["over_one_seed"] > 0
+
+
+# ----------------------------------------------------------------------------- peer_death
+
+
+def test_peer_death_refuses_unknown_variants(capsys):
+    with pytest.raises(SystemExit):
+        peer_death.parse_args(["--watch", "on,maybe"])
+    assert "a list of on / off" in capsys.readouterr().err
+    assert peer_death.parse_args(["--watch", "off"]).watch == ["off"]
+
+
+@pytest.mark.slow
+def test_peer_death_smoke_kills_one_process_and_times_the_other(tmp_path):
+    assert peer_death.main(["--smoke", "--out", str(tmp_path)]) == 0
+    (run,) = _load(tmp_path / "peer_death-cpu-smoke.json")["runs"]
+    assert run["watch"] == "on" and run["survivor_status"] == 1
+    assert run["survivor_last_line"].startswith("error: process 1 of 2 ended without a word")
+    assert not run["traceback_or_abort"] and run["killed_at_step"] >= 5
