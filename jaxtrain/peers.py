@@ -29,7 +29,7 @@ import threading
 from typing import Any
 
 KEY = "jaxtrain:peers"
-CONNECT_TIMEOUT_S = 30
+CONNECT_TIMEOUT_S = 10  # for the port, then for the connection
 SILENT = "ended without a word (killed by a signal: SIGKILL, the OOM killer? or its host went down)"
 
 
@@ -42,26 +42,38 @@ def watch(process_id: int, num_processes: int, coordinator_host: str, client: An
         return False
     watcher = _Watcher(process_id, num_processes)
     if process_id == 0:
-        server = _listen()
+        try:
+            server = _listen()
+        except OSError as e:
+            client.key_value_set(KEY, "none")  # the others need not wait for a port
+            _unwatched(process_id, num_processes, "cannot listen for the others", e)
+            return False
         token = secrets.token_hex(8)
         client.key_value_set(KEY, f"{server.getsockname()[1]} {token}")
         _start(watcher.serve, server, token)
     else:
         try:
-            port, token = client.blocking_key_value_get(KEY, CONNECT_TIMEOUT_S * 1000).split()
+            said = client.blocking_key_value_get(KEY, CONNECT_TIMEOUT_S * 1000)
+            if said == "none":  # process 0 could not listen (and said so)
+                return False
+            port, token = said.split()
             sock = socket.create_connection((coordinator_host, int(port)), CONNECT_TIMEOUT_S)
             sock.settimeout(None)
             sock.sendall(f"{token} {process_id}\n".encode())
         except Exception as e:  # noqa: BLE001  (jax raises its own error type for the key)
-            print(f"warning: process {process_id} of {num_processes} cannot watch process 0 "
-                  f"at {coordinator_host} ({type(e).__name__}: {e}); if a process dies, the "
-                  "others wait for JAX's heartbeat timeout (100 s)", file=sys.stderr, flush=True)
+            _unwatched(process_id, num_processes, f"cannot reach process 0 at {coordinator_host}", e)
             return False
         watcher.socks[0] = sock
         _start(watcher.follow, sock)
     _current = watcher
     atexit.register(watcher.send, "done")
     return True
+
+
+def _unwatched(process_id: int, num_processes: int, what: str, error: BaseException) -> None:
+    print(f"warning: process {process_id} of {num_processes} {what} ({type(error).__name__}: "
+          f"{error}); if a process dies, the others wait for JAX's heartbeat timeout (100 s)",
+          file=sys.stderr, flush=True)
 
 
 def leaving() -> None:
@@ -181,8 +193,10 @@ def _start(target: Any, *args: Any) -> None:
 
 
 def _listen() -> socket.socket:
+    """A socket on every interface (IPv4 and, where the host has it, IPv6), any free port."""
     if socket.has_dualstack_ipv6():
-        return socket.create_server(("", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+        with contextlib.suppress(OSError):  # IPv6 built in but turned off
+            return socket.create_server(("", 0), family=socket.AF_INET6, dualstack_ipv6=True)
     return socket.create_server(("", 0))
 
 

@@ -122,6 +122,20 @@ def test_a_follower_that_cannot_reach_process_0_warns_and_runs_on(exits, capsys)
         closed_port = s.getsockname()[1]
     client = FakeClient({peers.KEY: f"{closed_port} tok"})
     assert not peers.watch(1, 2, "127.0.0.1", client)
-    assert "warning: process 1 of 2 cannot watch process 0 at 127.0.0.1" in capsys.readouterr().err
+    assert "warning: process 1 of 2 cannot reach process 0 at 127.0.0.1" in capsys.readouterr().err
     assert exits.empty()
     assert not peers.watch(0, 1, "127.0.0.1", FakeClient())  # one process: nothing to watch
+
+
+def test_process_0_that_cannot_listen_tells_the_others_not_to_wait(exits, monkeypatch, capsys):
+    def refused():
+        raise OSError("no free port")
+
+    monkeypatch.setattr(peers, "_listen", refused)
+    client = FakeClient()
+    assert not peers.watch(0, 2, "127.0.0.1", client)
+    assert client.values[peers.KEY] == "none"
+    assert "warning: process 0 of 2 cannot listen for the others (OSError: no free port)" in (
+        capsys.readouterr().err)
+    assert not peers.watch(1, 2, "127.0.0.1", client)  # no wait, no second warning
+    assert capsys.readouterr().err == ""
