@@ -77,25 +77,34 @@ def test_process_0_ends_when_a_peer_ends_unannounced_and_tells_the_rest(exits, c
     witness.close()
 
 
-def test_a_follower_ends_on_the_word_of_process_0_but_not_after_done(exits, capsys):
+@pytest.fixture
+def process_0():
+    """A listening socket that stands in for process 0, and the client that names it."""
     server = socket.create_server(("127.0.0.1", 0))
-    client = FakeClient({peers.KEY: f"{server.getsockname()[1]} tok"})
+    yield server, FakeClient({peers.KEY: f"{server.getsockname()[1]} tok"})
+    server.close()
+
+
+def follow(process_0) -> socket.socket:
+    """Watches as process 1 of 2; process 0's end of the connection, past the greeting."""
+    server, client = process_0
     assert peers.watch(1, 2, "127.0.0.1", client)
     conn, _ = server.accept()
     assert read_line(conn) == "tok 1"
+    return conn
+
+
+def test_a_follower_ends_on_the_word_of_process_0(exits, process_0, capsys):
+    conn = follow(process_0)
     conn.sendall(b"gone 0 ended with exit status 130 (Ctrl-C)\n")
     assert exits.get(timeout=5) == 1
     assert capsys.readouterr().err.startswith(
         "error: process 0 of 2 ended with exit status 130 (Ctrl-C); its own output says why")
     conn.close()
-    server.close()
 
 
-def test_done_then_closed_ends_nothing_and_leaving_disarms(exits, monkeypatch):
-    server = socket.create_server(("127.0.0.1", 0))
-    client = FakeClient({peers.KEY: f"{server.getsockname()[1]} tok"})
-    assert peers.watch(1, 2, "127.0.0.1", client)
-    conn, _ = server.accept()
+def test_done_then_closed_ends_nothing_and_leaving_disarms(exits, process_0, monkeypatch):
+    conn = follow(process_0)
     conn.sendall(b"done\n")
     time.sleep(QUIET_S)
     conn.close()
@@ -104,16 +113,13 @@ def test_done_then_closed_ends_nothing_and_leaving_disarms(exits, monkeypatch):
 
     peers.leaving()
     monkeypatch.setattr(peers, "_current", None)  # again, but this process is leaving itself
-    assert peers.watch(1, 2, "127.0.0.1", client)
-    conn, _ = server.accept()
+    conn = follow(process_0)
     peers.leaving()
     peers.failed(2)
-    assert read_line(conn) == "tok 1"
     assert read_line(conn) == "gone 1 ended with exit status 2"
     conn.close()
     time.sleep(QUIET_S)
     assert exits.empty()
-    server.close()
 
 
 def test_a_follower_that_cannot_reach_process_0_warns_and_runs_on(exits, capsys):
