@@ -27,8 +27,9 @@ import scipy.ndimage as ndi
 from jaxtrain.robustness import perturbations as P
 
 NAMES = P.CORRUPTIONS
-RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "fog",
-          "elastic_transform", "rotation", "translation", "occlusion")
+RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur",
+          "motion_blur", "fog", "snow", "elastic_transform", "rotation", "translation",
+          "occlusion")
 # Parameters that do not grow with severity: saturate's factor goes .3, .1, 1.5, ...;
 # fog's decay changes with its amplitude; ImageNet's zoom sets are not nested (12, 16,
 # 11, 13, 11 factors) and its defocus radii 3..10 exceed these small images.
@@ -36,7 +37,12 @@ RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "fog
 # divides: at 20 px, 6 groups distort noise images more than 5 (ImageNet's last two).
 # The elastic transform's severities trade displacement against its smoothness: on noise
 # images any shift of a pixel distorts about as much.
-NOT_MONOTONE = {("saturate", "cifar"), ("saturate", "imagenet"), ("fog", "cifar"),
+# Glass blur's sigma alternates (cifar .25, .4, .25, .4), and a wider blur after the moves
+# pulls a noise image's pixels back towards their mean; ImageNet's glass offsets 3 and 4
+# move only the inner 6x6 or 4x4 pixels of these 12 px images. ImageNet's snow thresholds
+# its layer at .5, .5, .9, .85, .85 (severity 3 has fewer flakes than 2).
+NOT_MONOTONE = {("glass_blur", "cifar"), ("glass_blur", "imagenet"), ("snow", "imagenet"),
+                ("saturate", "cifar"), ("saturate", "imagenet"), ("fog", "cifar"),
                 ("fog", "imagenet"), ("zoom_blur", "imagenet"), ("defocus_blur", "imagenet"),
                 ("pixelate", "imagenet"), ("elastic_transform", "cifar"),
                 ("elastic_transform", "imagenet")}

@@ -123,7 +123,7 @@ def test_cli_against_a_baseline_report(trained, report, tmp_path):
     ([], "--workdir is required"),
     (["--workdir", "{missing}"], "does not exist"),
     (["--workdir", "{empty}"], "holds no checkpoint"),
-    (["--workdir", "{run}", "--corruptions", "snow"], "--corruptions: unknown name 'snow'"),
+    (["--workdir", "{run}", "--corruptions", "frost"], "--corruptions: unknown name 'frost'"),
     (["--workdir", "{run}", "--severities", "1,7"], "--severities must be values in 1..5"),
     (["--workdir", "{run}", "--attacks", "fgsm,cw"], "--attacks: unknown name 'cw'"),
     (["--workdir", "{run}", "--eps", "2"], "--eps is a Linf budget"),
@@ -236,7 +236,8 @@ def test_digits_seeds_main_job_full_defaults(tmp_path):
     summary, rep = _check_seed_run(workdir, 16)
     from jaxtrain.robustness import CORRUPTIONS
 
-    assert list(rep["corruptions"]) == list(CORRUPTIONS)  # 17: the 14 of ROBUSTNESS.md's table + 3
+    assert list(rep["corruptions"]) == list(CORRUPTIONS)  # 20: the 14 of ROBUSTNESS.md's table, glass
+    # and motion blur, snow, and rotation, translation, occlusion
     assert set(rep["attacks"]) == {"fgsm", "pgd_linf", "pgd_l2"}
     assert summary["test_accuracy"] > 0.95
 

@@ -348,7 +348,7 @@ def test_attack_presets():
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"corruptions": ("snow",)}, "unknown corruption 'snow'"),
+    ({"corruptions": ("frost",)}, "unknown corruption 'frost'"),  # published images only
     ({"severities": (0, 1)}, "severities"),
     ({"num_keys": 0}, "num_keys"),
     ({"flip_noises": ("shot_noise",)}, "flip noise"),

@@ -32,8 +32,9 @@ With ``key = PRNGKey(spec.seed)``, ``id(name) = crc32(name) & 0x7FFFFFFF`` and
 The same draw is used at every
 severity and every epsilon (common random numbers: differences between
 severities come from the severity, not from a new draw) and for every seed
-(seeds are paired). Deterministic corruptions (blurs, colour, pixelate,
-zoom) ignore keys and are evaluated once per severity whatever ``num_keys``.
+(seeds are paired). Deterministic corruptions (gaussian, defocus and zoom
+blur, colour, pixelate) ignore keys and are evaluated once per severity whatever
+``num_keys``; glass and motion blur draw offsets and angles, so they are random.
 
 Chunks: the test set is cut into chunks of ``chunk_size`` examples (the last
 one padded and masked), sized from a memory budget when not given
@@ -73,14 +74,14 @@ ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 
 # Corruptions whose output depends on the key; the others are evaluated once per severity.
 RANDOM_CORRUPTIONS = frozenset({
-    "gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "fog",
-    "elastic_transform", "rotation", "translation", "occlusion",
+    "gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur",
+    "motion_blur", "fog", "snow", "elastic_transform", "rotation", "translation", "occlusion",
 })
 # One compiled program per group (a log line each); grouped by family.
 CORRUPTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("noise", ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise")),
-    ("blur", ("gaussian_blur", "defocus_blur", "zoom_blur")),
-    ("digital", ("brightness", "contrast", "saturate", "pixelate", "fog")),
+    ("blur", ("gaussian_blur", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur")),
+    ("digital", ("brightness", "contrast", "saturate", "pixelate", "fog", "snow")),
     ("geometric", ("elastic_transform", "rotation", "translation", "occlusion")),
     ("host", ("jpeg_compression",)),
 )
