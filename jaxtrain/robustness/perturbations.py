@@ -69,9 +69,10 @@ code as it ran: glass blur's swap line, on an H x W x C array of numpy views,
 copies the neighbour into the visited pixel and leaves the neighbour as it was
 (the published images hold that), and each move sees the earlier ones, as in
 the reference's loop (a pass's chains of copies are resolved by pointer
-doubling, log2(H W) gathers, not one step a pixel); motion blur is ImageMagick's kernel as imagecorruptions writes it
-(2r + 1 taps of weight exp(-i^2 / 2 sigma^2) along the angle, edge pixels
-repeated, taps past the image side dropped). The reference's 8-bit round trips
+doubling, log2(H W) gathers, not one step a pixel); motion blur is
+ImageMagick's kernel as imagecorruptions writes it (2r + 1 taps of weight
+exp(-i^2 / 2 sigma^2) along the angle, edge pixels repeated, taps past the
+image side dropped). The reference's 8-bit round trips
 (glass blur's uint8 after the first blur, snow's PNG layer) are left out: each
 moves a value by less than 1/255. Offsets, angles and the snow layer come from
 the key (their distributions are the reference's; the draws are not NumPy's).
@@ -83,8 +84,8 @@ Gaussian smoothing is an ``[H, H]`` / ``[W, W]`` matrix over up to 512 taps.
 ``jax.pure_callback``: it works under jit and vmap, at a host round trip per call.
 With these two and the 15 above, the in-memory set has all 14 corruptions of
 ROBUSTNESS.md's table and glass blur, motion blur and snow: 14 of the 15 of
-mCE (all but frost). Frost and spatter (the rest of the 19) exist only as the published images
-(``tfds_c``): frost blends crops of the reference's six frost photographs,
+mCE (all but frost). Frost and spatter (the rest of the 19) exist only as the
+published images (``tfds_c``): frost blends crops of the reference's six frost photographs,
 which are data files and not a formula; spatter runs OpenCV's Canny edges,
 distance transform and histogram equalisation on its liquid layer, none of
 them in this module.
