@@ -27,6 +27,7 @@ import pytest
 from benchmarks import (
     common,
     conv_loops,
+    corruptions,
     peer_death,
     pipeline,
     throughput,
@@ -578,3 +579,16 @@ def test_peer_death_smoke_kills_one_process_and_times_the_other(tmp_path):
     assert run["watch"] == "on" and run["survivor_status"] == 1
     assert run["survivor_last_line"].startswith("error: process 1 of 2 ended without a word")
     assert not run["traceback_or_abort"] and run["killed_at_step"] >= 5
+
+
+# ----------------------------------------------------------------------------- corruptions
+
+
+def test_corruptions_times_each_name_and_preset(tmp_path, capsys):
+    assert corruptions.main(["--smoke", "--names", "motion_blur", "--out", str(tmp_path)]) == 0
+    runs = _load(tmp_path / "corruptions-cpu-smoke.json")["runs"]
+    assert [(r["preset"], r["name"]) for r in runs] == [
+        ("cifar", "motion_blur"), ("imagenet", "motion_blur")]
+    assert all(0 < r["best_s"] <= r["median_s"] and r["first_call_s"] > 0 for r in runs)
+    with pytest.raises(SystemExit, match="unknown corruption 'frost'"):
+        corruptions.main(["--smoke", "--names", "frost", "--out", str(tmp_path)])

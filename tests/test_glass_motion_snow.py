@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from test_perturbations import clipped_zoom  # make_cifar_c's, per axis (tests/ is on the path)
 
 from jaxtrain.robustness import blur, weather
 from jaxtrain.robustness import perturbations as P
@@ -117,22 +118,12 @@ def ref_motion_blur(x_HW: np.ndarray, radius: int, sigma: float, angle: float) -
     return out
 
 
-def ref_clipped_zoom(img_HW1: np.ndarray, zoom: float) -> np.ndarray:
-    """make_cifar_c's clipped_zoom, each axis with its own size."""
-    h, w = img_HW1.shape[:2]
-    ch, cw = int(np.ceil(h / zoom)), int(np.ceil(w / zoom))
-    top, left = (h - ch) // 2, (w - cw) // 2
-    img = ndi.zoom(img_HW1[top:top + ch, left:left + cw], (zoom, zoom, 1), order=1)
-    trim_top, trim_left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
-    return img[trim_top:trim_top + h, trim_left:trim_left + w]
-
-
 def ref_snow(x_HWC: np.ndarray, c: tuple[float, ...], normal_HW: np.ndarray,
              angle: float) -> np.ndarray:
     """make_cifar_c's snow (no 8-bit PNG round trips); np.random.normal(loc, scale) is
     loc + scale * z for the given unit normals z."""
     layer = c[0] + c[1] * normal_HW.astype(np.float64)
-    layer = ref_clipped_zoom(layer[..., np.newaxis], c[2])
+    layer = clipped_zoom(layer[..., np.newaxis], c[2])
     layer[layer < c[3]] = 0
     layer = np.clip(layer.squeeze(-1), 0, 1)
     layer = ref_motion_blur(layer, int(c[4]), c[5], angle)[..., np.newaxis]
