@@ -61,7 +61,8 @@ def watch(process_id: int, num_processes: int, coordinator_host: str, client: An
             sock.settimeout(None)
             sock.sendall(f"{token} {process_id}\n".encode())
         except Exception as e:  # noqa: BLE001  (jax raises its own error type for the key)
-            _unwatched(process_id, num_processes, f"cannot reach process 0 at {coordinator_host}", e)
+            where = f"cannot reach process 0 at {coordinator_host}"
+            _unwatched(process_id, num_processes, where, e)
             return False
         watcher.socks[0] = sock
         _start(watcher.follow, sock)
