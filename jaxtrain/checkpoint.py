@@ -308,11 +308,13 @@ class Checkpointer:
         state_args = (
             ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
         )
+        # Before, not after, a failure: reads that finish while the failure is on its way
+        # up call into the closed loop too (8 tracebacks leaked in a loaded CI run).
+        _drop_closed_loop_callbacks()
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**{STATE: state_args}))
             tree = jax.tree.map(np.asarray, out[STATE])
         except Exception as e:  # noqa: BLE001
-            _drop_closed_loop_callbacks()
             raise DamagedCheckpointError(step, _reason(e)) from None
         checksums = meta.get("checksums")
         if not isinstance(checksums, dict):
@@ -378,7 +380,8 @@ def _is_closed_loop_callback(u: Any) -> bool:
 
 
 def _drop_closed_loop_callbacks() -> None:
-    """Silences what a failed Orbax restore leaves behind, for the rest of the process.
+    """Silences what a failed Orbax restore leaves behind, for the rest of the process
+    (installed by the first restore).
 
     When one read of a damaged checkpoint fails, Orbax's restore ends its asyncio
     loop while tensorstore's other reads are in flight. Each one that finishes
