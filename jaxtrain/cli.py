@@ -22,6 +22,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from jaxtrain import peers
 from jaxtrain.config import TrainConfig, parse_config
 
 # Raised by our own code, these mean "the input was bad".
@@ -173,8 +174,6 @@ def _failed(status: int) -> int:
 
     if global_state.num_processes == 1:
         return status
-    from jaxtrain import peers
-
     peers.leaving()  # the others may fail alike meanwhile (bad input): not their news
     sys.stdout.flush()
     sys.stderr.flush()

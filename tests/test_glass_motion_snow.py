@@ -24,8 +24,8 @@ from test_perturbations import clipped_zoom  # make_cifar_c's, per axis (tests/ 
 
 from jaxtrain.robustness import blur, weather
 from jaxtrain.robustness import perturbations as P
+from jaxtrain.robustness.evaluator import FAST_COMPILE  # as the suite compiles on CPU
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 _RNG = np.random.default_rng(77)
 # 32 px: CIFAR's size (snow's severity-5 zoom 26 * 1.25 = 32.5 is a tie there);
 # 8 x 12: digits' height, not square, and small enough that motion taps leave the image

@@ -25,6 +25,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from jaxtrain.robustness import perturbations as P
+from jaxtrain.robustness.evaluator import FAST_COMPILE  # as the suite compiles on CPU
 
 NAMES = P.CORRUPTIONS
 RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur",
@@ -46,7 +47,6 @@ NOT_MONOTONE = {("glass_blur", "cifar"), ("glass_blur", "imagenet"), ("snow", "i
                 ("fog", "imagenet"), ("zoom_blur", "imagenet"), ("defocus_blur", "imagenet"),
                 ("pixelate", "imagenet"), ("elastic_transform", "cifar"),
                 ("elastic_transform", "imagenet")}
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 PRESET_ROWS = {"cifar": slice(0, 5), "imagenet": slice(5, 10)}
 
 _RNG = np.random.default_rng(1234)
