@@ -29,6 +29,7 @@ from benchmarks import (
     conv_loops,
     corruptions,
     peer_death,
+    poisson,
     pipeline,
     throughput,
     time_to_accuracy,
@@ -592,3 +593,12 @@ def test_corruptions_times_each_name_and_preset(tmp_path, capsys):
     assert all(0 < r["best_s"] <= r["median_s"] and r["first_call_s"] > 0 for r in runs)
     with pytest.raises(SystemExit, match="unknown corruption 'frost'"):
         corruptions.main(["--smoke", "--names", "frost", "--out", str(tmp_path)])
+
+
+def test_poisson_times_both_samplers_per_preset_and_compile(tmp_path):
+    assert poisson.main(["--smoke", "--presets", "cifar", "--out", str(tmp_path)]) == 0
+    runs = _load(tmp_path / "poisson-cpu-smoke.json")["runs"]
+    assert [(r["compile"], r["preset"]) for r in runs] == [("default", "cifar"), ("suite", "cifar")]
+    for r in runs:
+        assert set(r["median_s"]) == {"jaxtrain", "jax"} and all(v > 0 for v in r["median_s"].values())
+        assert r["speedup"] == pytest.approx(r["median_s"]["jax"] / r["median_s"]["jaxtrain"])

@@ -111,6 +111,7 @@ from jax import lax
 
 from jaxtrain.robustness import blur, geometric, jpeg, weather
 from jaxtrain.robustness.blur import MAX_BLUR_RADIUS, MAX_DEFOCUS_RADIUS, MAX_ZOOMS
+from jaxtrain.robustness.poisson import poisson
 
 __all__ = [
     "CORRUPTIONS", "MAX_BLUR_RADIUS", "MAX_DEFOCUS_RADIUS", "MAX_ZOOMS", "PRESETS", "SEVERITIES",
@@ -349,42 +350,6 @@ def _gaussian_noise(x: Array, p: Array, key: Array) -> Array:
 
 def _shot_noise(x: Array, p: Array, key: Array) -> Array:
     return poisson(key, x * p[0]) / p[0]
-
-
-POISSON_INVERSION_BELOW = 10.0  # jax.random.poisson's own switch from Knuth to rejection
-_POISSON_TERMS = 40  # P(k >= 40 | lam < 10) < 1e-13, below float32's resolution
-
-
-def poisson(key: Array, lam: Array) -> Array:
-    """Poisson(lam) draws f32[lam.shape] (lam >= 0): below 10 by inverting the CDF with one
-    uniform per value (40 multiply-adds), at 10 and above ``jax.random.poisson``'s rejection.
-
-    Written here for speed: ``jax.random.poisson`` runs Knuth's method (a uniform per
-    step, while any value is below its threshold) and its rejection loop over every value,
-    and under ``jax.vmap`` over severities each loop runs to the slowest value of all five.
-    Shot noise's lam = x c spans both ranges; the inversion needs one uniform and no loop
-    exit. One batch at the 5 severities, vmapped (``python -m benchmarks.corruptions``,
-    2 cores): 256 x 32x32x3 at the CIFAR severities 2.7 s against 6.1 s with
-    ``jax.random.poisson``, 16 x 224x224x3 at ImageNet's 11.1 s against 17.7 s
-    (``benchmarks/results/corruptions-cpu-poisson.json`` against ``corruptions-cpu.json``;
-    2.7 against 5.4 s side by side in one process, by hand). The same distribution
-    (tests: chi-square against scipy's pmf); not the same draws."""
-    k_small, k_large = jax.random.split(key)
-    small = lam < POISSON_INVERSION_BELOW
-    lam_small = jnp.where(small, lam, 0.0)
-    u = jax.random.uniform(k_small, lam.shape)
-    p0 = jnp.exp(-lam_small)
-
-    def term(i: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
-        k, pmf, cdf = carry  # k: how many of F(0) .. F(i - 1) lie below u
-        above = u > cdf
-        pmf = pmf * lam_small / (i + 1).astype(lam.dtype)
-        return k + above, pmf, cdf + jnp.where(above, pmf, 0.0)
-
-    k, _, _ = lax.fori_loop(0, _POISSON_TERMS, term, (jnp.zeros_like(lam), p0, p0))
-    large = jax.random.poisson(k_large, jnp.where(small, POISSON_INVERSION_BELOW, lam),
-                               lam.shape).astype(lam.dtype)
-    return jnp.where(small, k, large)
 
 
 def _impulse_noise(x: Array, p: Array, key: Array) -> Array:
