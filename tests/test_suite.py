@@ -443,3 +443,18 @@ def test_cifar10_corrupted_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
     with pytest.raises(S.RobustnessError, match="needs tensorflow-datasets"):
         tfds_c.load_cifar10_corrupted("fog", (1,))
+
+
+def test_fast_compile_is_the_cpu_default_only_for_small_splits() -> None:
+    from jaxtrain.compile_options import compiler_options
+
+    small = {"image": np.zeros((359, 8, 8, 1), np.float32), "label": np.zeros(359, np.int32)}
+    big = {"image": np.zeros((100, 32, 32, 3), np.float32), "label": np.zeros(100, np.int32)}
+    assert E.wants_fast_compile("cpu", small) and E.wants_fast_compile("cpu", None)
+    assert not E.wants_fast_compile("cpu", big) and not E.wants_fast_compile("gpu", small)
+    variables = {"w": np.zeros((1, 3), np.float32)}
+    strategy = create_strategy("none")
+    assert E.Evaluator(variables, small, strategy=strategy).compiler_options == E.FAST_COMPILE
+    assert E.Evaluator(variables, big, strategy=strategy).compiler_options == compiler_options("cpu")
+    assert E.Evaluator(variables, big, strategy=strategy, fast_compile=True).compiler_options == (
+        E.FAST_COMPILE)

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxtrain.compile_options import compiler_options
 from jaxtrain.data import process_rows
 
 PyTree = Any
@@ -118,9 +119,23 @@ def _to_host(tree: PyTree) -> PyTree:
     return jax.tree.map(cast, tree)
 
 
-# XLA:CPU compiles these programs ~3x faster with LLVM's optimizations off and runs them
-# at most ~1.4x slower (measured on the digits suite, where compilation dominates).
+# XLA:CPU compiles these programs ~1.5-2x faster with LLVM's optimizations off and runs
+# them ~1.6-2.3x slower, so it pays only where compiling dominates: the whole suite (20
+# corruptions, one seed, by hand, 2 cores) on the digits test split (359 x 8x8x1, MLP)
+# took 9.0 s with it against 14.5 s without (compile 8.3 against 14.0 s); on 512 CIFAR-
+# shape images (32x32x3, CNN) 87.6 s against 54.5 s (compile 15.2 / 22.9 s, run 72.2 /
+# 31.3 s), even at ~100 such images. Hence on CPU only for splits of at most
+# FAST_COMPILE_MAX_VALUES values (N x H x W x C; digits: 23 000, CIFAR-10: 31 million).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE_MAX_VALUES = 2**18
+
+
+def wants_fast_compile(platform: str, split: Mapping[str, np.ndarray] | None) -> bool:
+    """The ``fast_compile`` default: on CPU, for a split of at most
+    ``FAST_COMPILE_MAX_VALUES`` image values (no split: on)."""
+    if platform != "cpu":
+        return False
+    return not split or np.size(split["image"]) <= FAST_COMPILE_MAX_VALUES
 
 
 class Evaluator:
@@ -129,8 +144,9 @@ class Evaluator:
 
     ``variables_S`` (host arrays, leading seed axis) are placed once; each program is
     compiled once at its chunk size. ``log`` receives one line per program (and per
-    chunk when there are several); ``None`` is silent. ``fast_compile`` (default: on
-    CPU) compiles with ``FAST_COMPILE``.
+    chunk when there are several); ``None`` is silent. ``fast_compile`` compiles with
+    ``FAST_COMPILE`` (default: ``wants_fast_compile``, on CPU for small splits), else
+    with jaxtrain's ``compiler_options`` for the platform.
     """
 
     def __init__(self, variables_S: PyTree, split: Mapping[str, np.ndarray] | None = None, *,
@@ -152,9 +168,10 @@ class Evaluator:
                                   f"{self.ways} device(s)")
         self.budget = memory_budget_bytes or default_memory_budget(self.strategy.devices)
         self.log = log
+        platform = self.strategy.devices[0].platform
         if fast_compile is None:
-            fast_compile = self.strategy.devices[0].platform == "cpu"
-        self.compiler_options = dict(FAST_COMPILE) if fast_compile else None
+            fast_compile = wants_fast_compile(platform, self.split)
+        self.compiler_options = dict(FAST_COMPILE) if fast_compile else compiler_options(platform)
         self._placed = self.strategy.replicate(variables_S)
         self._compiled: dict[Any, Any] = {}
 

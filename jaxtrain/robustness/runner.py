@@ -78,7 +78,7 @@ class RobustnessConfig:
     seed: int = 0  # key of every noise draw and random start
     chunk_size: int = 0  # examples per chunk (0: from --memory-budget-mb)
     memory_budget_mb: int = 0  # 0: 40% of accelerator memory, 1024 on CPU
-    fast_compile: Literal["auto", "on", "off"] = "auto"  # auto: on for CPU
+    fast_compile: Literal["auto", "on", "off"] = "auto"  # auto: on for CPU and small test splits
     parallel: Literal["auto", "none", "mesh"] = "auto"
     devices: int = 0
     plots: bool = True
