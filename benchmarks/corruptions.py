@@ -58,7 +58,13 @@ def parse_args(argv):
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--names", type=common.str_list, default=None,
                    help="corruptions (default: every in-memory one)")
-    p.add_argument("--presets", type=common.str_list, default=["cifar", "imagenet"])
+    return parse_preset_args(p, argv)
+
+
+def parse_preset_args(p, argv):
+    """Adds ``--presets``, ``--cifar-batch``, ``--imagenet-batch`` and ``--repeats`` to
+    parser ``p`` and parses ``argv`` (also used by ``benchmarks.poisson``)."""
+    p.add_argument("--presets", type=common.str_list, default=list(SIZES))
     p.add_argument("--cifar-batch", type=int, default=256)
     p.add_argument("--imagenet-batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)

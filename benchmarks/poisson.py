@@ -21,8 +21,8 @@ import time
 from typing import Any
 
 from benchmarks import common
+from benchmarks.corruptions import SIZES, parse_preset_args
 
-SIZES = {"cifar": 32, "imagenet": 224}
 COMPILES = ("default", "suite")
 
 
@@ -69,18 +69,8 @@ def time_pair(preset: str, compile_: str, batch: int, size: int, repeats: int) -
 
 def parse_args(argv):
     p = common.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--presets", type=common.str_list, default=list(SIZES))
     p.add_argument("--compile", choices=[*COMPILES, "both"], default="both")
-    p.add_argument("--cifar-batch", type=int, default=256)
-    p.add_argument("--imagenet-batch", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args(argv)
-    bad = [x for x in args.presets if x not in SIZES]
-    if bad or not args.presets:
-        p.error(f"--presets: {bad[0] if bad else '(none)'!r} is not one of {sorted(SIZES)}")
-    if args.repeats < 1:
-        p.error("--repeats must be at least 1")
-    return args
+    return parse_preset_args(p, argv)
 
 
 def main(argv=None) -> int:
