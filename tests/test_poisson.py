@@ -76,6 +76,13 @@ def test_keys_and_shapes() -> None:
     assert draw(jax.random.key(0), jnp.full((9,), 20.0)).shape == (9,)
 
 
+def test_nan_and_infinite_lam_give_nan_and_empty_arrays_pass() -> None:
+    lam = jnp.array([[3.0, jnp.nan], [jnp.inf, 50.0]])
+    out = np.asarray(draw(jax.random.key(0), lam))
+    assert np.isnan(out[0, 1]) and np.isnan(out[1, 0]) and np.all(np.isfinite(out[[0, 1], [0, 1]]))
+    assert PO.poisson(jax.random.key(0), jnp.zeros((4, 0))).shape == (4, 0)
+
+
 def test_log_factorial_matches_scipy() -> None:
     k = np.concatenate([np.arange(0, 200), np.geomspace(200, 1e5, 300).round()]).astype(np.float32)
     got = np.asarray(jax.jit(PO.log_factorial)(jnp.asarray(k)), np.float64)

@@ -27,7 +27,7 @@ from jax import lax
 
 Array = jax.Array
 
-__all__ = ["INVERSION_BELOW", "ROUNDS", "poisson"]
+__all__ = ["INVERSION_BELOW", "ROUNDS", "log_factorial", "poisson"]
 
 INVERSION_BELOW = 10.0  # jax.random.poisson's own switch from Knuth to rejection
 ROUNDS = 8  # unrolled PTRS rounds before the while loop
@@ -105,7 +105,8 @@ def _rejection(key: Array, lam: Array, rounds: int) -> Array:
 
 
 def poisson(key: Array, lam: Array, *, rounds: int | None = None) -> Array:
-    """Poisson(lam) draws f32[lam.shape] for lam >= 0 (f32[...]).
+    """Poisson(lam) draws f32[lam.shape] for lam >= 0 (f32[...]); NaN where lam is NaN or
+    infinite (rather than a loop that never ends).
 
     The distribution of ``jax.random.poisson`` (tests: chi-square against scipy's pmf),
     not its draws. ``rounds`` (default ``ROUNDS``) sets the unrolled rejection rounds;
@@ -113,10 +114,14 @@ def poisson(key: Array, lam: Array, *, rounds: int | None = None) -> Array:
     """
     lam = jnp.asarray(lam, jnp.float32)
     shape = lam.shape
+    if lam.size == 0:
+        return lam
     lam = _rows(lam)
     k_small, k_large = jax.random.split(key)
+    finite = jnp.isfinite(lam)
     small = lam < INVERSION_BELOW
     low = _inversion(k_small, jnp.where(small, lam, 0.0))
-    high = _rejection(k_large, jnp.where(small, _IDLE_LAM, lam),
+    high = _rejection(k_large, jnp.where(small | ~finite, _IDLE_LAM, lam),
                       ROUNDS if rounds is None else rounds)
-    return jnp.where(small, low, high).reshape(shape)
+    out = jnp.where(finite, jnp.where(small, low, high), jnp.nan)
+    return out.reshape(shape)
