@@ -31,6 +31,7 @@ from benchmarks import (
     peer_death,
     pipeline,
     poisson,
+    suite_compile,
     throughput,
     time_to_accuracy,
     torch_peer,
@@ -602,3 +603,17 @@ def test_poisson_times_both_samplers_per_preset_and_compile(tmp_path):
     for r in runs:
         assert set(r["median_s"]) == {"jaxtrain", "jax"} and all(v > 0 for v in r["median_s"].values())
         assert r["speedup"] == pytest.approx(r["median_s"]["jax"] / r["median_s"]["jaxtrain"])
+
+
+def test_suite_compile_runs_each_case_both_ways(tmp_path):
+    assert suite_compile.parse_case("cnn:32x32x3:512") == {
+        "model": "cnn", "shape": [32, 32, 3], "n": 512}
+    with pytest.raises(SystemExit, match="not model:HxWxC:N"):
+        suite_compile.parse_case("cnn:32x32:512")
+    assert suite_compile.main(["--smoke", "--cases", "mlp:8x8x1:359", "--out", str(tmp_path)]) == 0
+    (run,) = _load(tmp_path / "suite_compile-cpu-smoke.json")["runs"]
+    assert run["fast"]["fast"] is True and run["optimized"]["fast"] is False
+    for side in run.values():
+        assert side["n"] == 4 and side["total_s"] >= side["compile_s"] > 0
+        assert {p["name"] for p in side["programs"]} >= {"clean", "noise"}
+        assert side["auto_picks_fast"] is True

@@ -120,12 +120,12 @@ def _to_host(tree: PyTree) -> PyTree:
 
 
 # XLA:CPU compiles these programs ~1.5-2x faster with LLVM's optimizations off and runs
-# them ~1.6-2.3x slower, so it pays only where compiling dominates: the whole suite (20
-# corruptions, one seed, by hand, 2 cores) on the digits test split (359 x 8x8x1, MLP)
-# took 9.0 s with it against 14.5 s without (compile 8.3 against 14.0 s); on 512 CIFAR-
-# shape images (32x32x3, CNN) 87.6 s against 54.5 s (compile 15.2 / 22.9 s, run 72.2 /
-# 31.3 s), even at ~100 such images. Hence on CPU only for splits of at most
-# FAST_COMPILE_MAX_VALUES values (N x H x W x C; digits: 23 000, CIFAR-10: 31 million).
+# them ~1.5-2.3x slower, so it pays only where compiling dominates. The whole suite, one
+# seed (``python -m benchmarks.suite_compile``, 2 cores, ``suite_compile-cpu.json``),
+# fast against optimized: digits MLP (359 x 8x8x1) 9.6 against 15.7 s; CIFAR-shape CNN
+# 64 images 25.2 against 28.0 s, 128 images 35.1 against 32.5 s, 512 images 90.3 against
+# 57.0 s. Hence on CPU only for splits of at most FAST_COMPILE_MAX_VALUES values
+# (N x H x W x C; digits: 23 000, 64 CIFAR images 197 000, CIFAR-10: 31 million).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 FAST_COMPILE_MAX_VALUES = 2**18
 

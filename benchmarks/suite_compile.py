@@ -1,0 +1,110 @@
+"""The robustness suite with FAST_COMPILE against optimized compiling: where each pays.
+
+    python -m benchmarks.suite_compile                    # digits MLP and CIFAR-shape CNN
+    python -m benchmarks.suite_compile --cases cnn:32x32x3:128,mlp:8x8x1:4096
+    python -m benchmarks.suite_compile --smoke            # tiny sizes, figures meaningless
+
+Each case ``model:HxWxC:N`` runs ``suite.evaluate_suite`` (every in-memory corruption
+at 5 severities, one seed, a randomly initialised model, uniform random images) once
+with ``fast_compile=True`` (``evaluator.FAST_COMPILE``) and once with ``False``
+(jaxtrain's ``compiler_options``), each in a fresh process without a compilation
+cache, the two one after the other. It reports the compile and run seconds the
+evaluator logged and the total, and what ``evaluator.wants_fast_compile`` (the
+``--fast-compile auto`` rule) picks for the case.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from benchmarks import common
+
+DEFAULT_CASES = ["mlp:8x8x1:359", "cnn:32x32x3:512"]
+
+
+def parse_case(text: str) -> dict[str, Any]:
+    try:
+        model, shape, n = text.split(":")
+        h, w, c = (int(v) for v in shape.split("x"))
+        return {"model": model, "shape": [h, w, c], "n": int(n)}
+    except ValueError:
+        raise SystemExit(f"--cases: {text!r} is not model:HxWxC:N (e.g. cnn:32x32x3:512)") from None
+
+
+def child(case: dict[str, Any]) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxtrain.models import create_model
+    from jaxtrain.robustness import evaluator as E
+    from jaxtrain.robustness import suite as S
+
+    shape, n = tuple(case["shape"]), case["n"]
+    rng = np.random.default_rng(0)
+    split = {"image": rng.uniform(size=(n, *shape)).astype(np.float32),
+             "label": rng.integers(0, 10, n).astype(np.int32)}
+    channels = shape[-1]
+    model = create_model(case["model"], 10, mean=(0.5,) * channels, std=(0.25,) * channels)
+    variables = jax.tree.map(lambda a: np.asarray(a)[None],
+                             model.init(jax.random.key(0), jnp.zeros((1, *shape))))
+    spec = S.SuiteSpec(corruptions=tuple(case["corruptions"]) if case.get("corruptions")
+                       else S.SuiteSpec().corruptions)
+    t0 = time.perf_counter()
+    result = S.evaluate_suite(lambda v, x: model.apply(v, x, train=False), variables, split,
+                              spec, fast_compile=case["fast"])
+    total = time.perf_counter() - t0
+    return {**case, "total_s": total,
+            "compile_s": sum(r.compile_seconds for r in result.runs),
+            "run_s": sum(r.seconds for r in result.runs),
+            "programs": [{"name": r.name, "compile_s": r.compile_seconds, "run_s": r.seconds}
+                         for r in result.runs],
+            "auto_picks_fast": E.wants_fast_compile("cpu", split)}
+
+
+def parse_args(argv):
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--cases", type=common.str_list, default=DEFAULT_CASES,
+                   help="model:HxWxC:N, comma-separated")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child is not None:
+        return common.child_main(child, args.child)
+    cases = [parse_case(c) for c in args.cases]
+    info = common.machine_info(args.note)
+    runs = []
+    for case in cases:
+        if args.smoke:
+            case = {**case, "n": 4, "corruptions": ["gaussian_noise", "contrast"]}
+        pair = {}
+        for fast in (True, False):
+            run = common.run_child("benchmarks.suite_compile", {**case, "fast": fast},
+                                   env={"JAX_ENABLE_COMPILATION_CACHE": "false"})
+            pair["fast" if fast else "optimized"] = run
+        runs.append(pair)
+        f, o = pair["fast"], pair["optimized"]
+        print(f"{case['model']} {'x'.join(map(str, case['shape']))} x {case['n']}: fast "
+              f"{f['total_s']:.1f} s (compile {f['compile_s']:.1f}), optimized {o['total_s']:.1f} s "
+              f"(compile {o['compile_s']:.1f}); auto picks "
+              f"{'fast' if f['auto_picks_fast'] else 'optimized'}", flush=True)
+    common.print_table(
+        "the whole suite, one seed: FAST_COMPILE against optimized (seconds)",
+        ["case", "fast total", "fast compile", "fast run", "opt total", "opt compile", "opt run",
+         "faster", "auto picks"],
+        [[f"{p['fast']['model']} {'x'.join(map(str, p['fast']['shape']))} x {p['fast']['n']}",
+          common.fmt(p["fast"]["total_s"]), common.fmt(p["fast"]["compile_s"]),
+          common.fmt(p["fast"]["run_s"]), common.fmt(p["optimized"]["total_s"]),
+          common.fmt(p["optimized"]["compile_s"]), common.fmt(p["optimized"]["run_s"]),
+          "fast" if p["fast"]["total_s"] < p["optimized"]["total_s"] else "optimized",
+          "fast" if p["fast"]["auto_picks_fast"] else "optimized"] for p in runs])
+    common.write_results("suite_compile", args, info, {"runs": runs})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
