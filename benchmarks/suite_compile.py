@@ -15,6 +15,7 @@ evaluator logged and the total, and what ``evaluator.wants_fast_compile`` (the
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import Any
@@ -50,8 +51,9 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
     model = create_model(case["model"], 10, mean=(0.5,) * channels, std=(0.25,) * channels)
     variables = jax.tree.map(lambda a: np.asarray(a)[None],
                              model.init(jax.random.key(0), jnp.zeros((1, *shape))))
-    spec = S.SuiteSpec(corruptions=tuple(case["corruptions"]) if case.get("corruptions")
-                       else S.SuiteSpec().corruptions)
+    spec = S.SuiteSpec()
+    if case.get("corruptions"):  # --smoke's short list
+        spec = dataclasses.replace(spec, corruptions=tuple(case["corruptions"]))
     t0 = time.perf_counter()
     result = S.evaluate_suite(lambda v, x: model.apply(v, x, train=False), variables, split,
                               spec, fast_compile=case["fast"])

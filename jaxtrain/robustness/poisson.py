@@ -15,6 +15,11 @@ done (``benchmarks/results/corruptions-*.json``). Here:
 Arrays are viewed as rows of the last two axes (``[..., W, C] -> [-1, W * C]``) while
 sampling: XLA:CPU vectorizes elementwise math along the minor axis, and an image's
 minor axis is its 3 channels (4x slower for these fusions, measured by hand).
+
+Measured (``python -m benchmarks.poisson``, 2 cores, ``benchmarks/results/poisson-cpu.json``):
+shot noise's lam at 5 severities, vmapped, 7.3x faster than ``jax.random.poisson`` for a
+256 x 32x32x3 batch (437 against 3168 ms) and 7.2x for 16 x 224x224x3 (1710 against
+12 243 ms); 5.2x for both under the suite's ``FAST_COMPILE``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ Array = jax.Array
 __all__ = ["INVERSION_BELOW", "ROUNDS", "log_factorial", "poisson"]
 
 INVERSION_BELOW = 10.0  # jax.random.poisson's own switch from Knuth to rejection
-ROUNDS = 8  # unrolled PTRS rounds before the while loop
+ROUNDS = 8  # unrolled PTRS rounds before the while loop (by hand: 4 and 12 were slower)
 _TERMS = 40  # P(k >= 40 | lam < 10) < 1e-13, below float32's resolution
 _PENDING = -1.0  # a value that no round has accepted yet
 _IDLE_LAM = 1e3  # what the rejection branch samples where the inversion answers
