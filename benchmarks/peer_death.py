@@ -2,11 +2,13 @@
 
     python -m benchmarks.peer_death                       # watched (default) and unwatched
     python -m benchmarks.peer_death --watch on --rounds 3
+    python -m benchmarks.peer_death --signal STOP --watch on   # frozen, as a vanished host
 
 Each round starts ``experiments.digits_mlp`` as 2 processes x 2 CPU devices on
-127.0.0.1 (gloo), waits until process 0 logs step ``--kill-at``, sends SIGKILL to
-process ``--victim`` and times the survivor's end: seconds after the kill, its exit
-status and its last stderr line. ``--watch on`` is the CLI as users run it
+127.0.0.1 (gloo), waits until process 0 logs step ``--kill-at``, sends SIGKILL (or ``--signal STOP``: frozen,
+its connections left open, as when its host vanishes) to process ``--victim`` and
+times the survivor's end: seconds after the signal, its exit status and its last
+stderr line. ``--watch on`` is the CLI as users run it
 (``jaxtrain.peers`` watches the processes); ``off`` joins with
 ``distributed.initialize(watch_peers=False)`` first, as before the watch (the
 survivor waits in the step's collective until JAX's heartbeat timeout aborts it).
@@ -42,14 +44,15 @@ def child(watch: str, argv: list[str]) -> int:
 
     flags = dict(zip(argv[::2], argv[1::2]))
     distributed.initialize(flags["--coordinator-address"], int(flags["--num-processes"]),
-                           int(flags["--process-id"]), watch_peers=watch == "on")
+                           int(flags["--process-id"]), watch_peers=watch == "on",
+                           peer_timeout_s=float(flags["--peer-timeout"]))
     from experiments import digits_mlp
 
     return digits_mlp.main(argv)
 
 
-def one_round(watch: str, victim: int, kill_at: int, epochs: int,
-              timeout: float) -> dict[str, Any]:
+def one_round(watch: str, victim: int, kill_at: int, epochs: int, timeout: float,
+              sig: str = "KILL", peer_timeout: float = 30.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:
         port = _free_port()
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
@@ -59,7 +62,7 @@ def one_round(watch: str, victim: int, kill_at: int, epochs: int,
              "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
              "--process-id", str(pid), "--workdir", workdir, "--epochs", str(epochs),
              "--parallel", "mesh", "--compilation-cache", "", "--progress", "log",
-             "--log-every", "5"],
+             "--log-every", "5", "--peer-timeout", str(peer_timeout)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for pid in (0, 1)]
         try:
@@ -71,18 +74,19 @@ def one_round(watch: str, victim: int, kill_at: int, epochs: int,
             if step is None:
                 raise common.BenchmarkError("the run ended before step "
                                             f"{kill_at}: {procs[0].stderr.read()[-2000:]}")
-            procs[victim].send_signal(signal.SIGKILL)
+            procs[victim].send_signal(getattr(signal, f"SIG{sig}"))
             killed = time.perf_counter()
             survivor = procs[1 - victim]
             _, err = survivor.communicate(timeout=timeout)
             took = time.perf_counter() - killed
         finally:
             for p in procs:
-                p.kill()
+                p.kill()  # a stopped process too
                 p.communicate()
     lines = err.strip().splitlines()
-    return {"watch": watch, "victim": victim, "killed_at_step": step,
-            "survivor_status": survivor.returncode, "seconds_after_kill": took,
+    return {"watch": watch, "victim": victim, "signal": sig, "peer_timeout": peer_timeout,
+            "killed_at_step": step,
+            "survivor_status": survivor.returncode, "seconds_after_signal": took,
             "survivor_last_line": lines[-1] if lines else "",
             "traceback_or_abort": "Traceback" in err or survivor.returncode == -6}
 
@@ -100,7 +104,11 @@ def parse_args(argv):
                    help="variants, alternated per round: on (the CLI's default), off")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--victim", type=int, choices=(0, 1), default=1)
-    p.add_argument("--kill-at", type=int, default=30, help="kill once process 0 logs this step")
+    p.add_argument("--kill-at", type=int, default=30, help="signal once process 0 logs this step")
+    p.add_argument("--signal", choices=("KILL", "STOP"), default="KILL",
+                   help="KILL: the process ends; STOP: it freezes, closing nothing")
+    p.add_argument("--peer-timeout", type=float, default=30.0,
+                   help="the run's --peer-timeout (seconds)")
     p.add_argument("--epochs", type=int, default=200, help="long enough to be killed mid-run")
     p.add_argument("--timeout", type=float, default=400, help="seconds to wait for the survivor")
     return p.parse_args(argv)
@@ -117,16 +125,17 @@ def main(argv=None) -> int:
     for r in range(1 if args.smoke else args.rounds):
         for watch in variants:
             run = one_round(watch, args.victim, 5 if args.smoke else args.kill_at,
-                            args.epochs, args.timeout)
+                            args.epochs, args.timeout, args.signal, args.peer_timeout)
             run["round"] = r
             runs.append(run)
             print(f"round {r} watch {watch}: status {run['survivor_status']} "
-                  f"{run['seconds_after_kill']:.2f} s after the kill: {run['survivor_last_line']}",
-                  flush=True)
+                  f"{run['seconds_after_signal']:.2f} s after SIG{args.signal}: "
+                  f"{run['survivor_last_line']}", flush=True)
     common.print_table(
-        "survivor of a SIGKILL mid-training (2 processes x 2 CPU devices)",
-        ["watch", "round", "status", "s after kill", "last line"],
-        [[r["watch"], r["round"], r["survivor_status"], common.fmt(r["seconds_after_kill"]),
+        f"survivor of a SIG{args.signal} mid-training (2 processes x 2 CPU devices, "
+        f"--peer-timeout {args.peer_timeout:g})",
+        ["watch", "round", "status", "s after signal", "last line"],
+        [[r["watch"], r["round"], r["survivor_status"], common.fmt(r["seconds_after_signal"]),
           r["survivor_last_line"][:90]] for r in runs])
     common.write_results("peer_death", args, info, {"runs": runs})
     return 0

@@ -91,6 +91,10 @@ class TrainConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    # seconds a process of a multi-process run may go unheard (its host down or cut off,
+    # the process frozen) before the others end in one line (jaxtrain.peers); 0 = only a
+    # process's end counts, and a silent one is left to JAX's heartbeats (100 s)
+    peer_timeout: float = 30.0
     # GPU: deterministic XLA ops and full-precision matmuls (see docs/BAD_INPUTS.md)
     deterministic: bool = False
     # outputs and tools (none changes what a run computes)
@@ -105,7 +109,7 @@ class TrainConfig:
         {
             "workdir", "resume", "progress", "log_every", "compilation_cache", "parallel",
             "devices", "cpu_devices", "coordinator_address", "num_processes", "process_id", "data_dir",
-            "checkpoint_every", "keep_checkpoints", "data_placement", "eval_batch_size", "seed_parallel",
+            "peer_timeout", "checkpoint_every", "keep_checkpoints", "data_placement", "eval_batch_size", "seed_parallel",
             "seed_chunk",
             "deterministic", "best_metric", "best_mode", "on_nonfinite", "max_skipped",
             "tensorboard", "wandb_project", "mlflow_experiment", "profile_steps", "dry_run",
@@ -135,7 +139,8 @@ class TrainConfig:
         positive = ("epochs", "batch_size", "num_seeds", "eval_batch_size", "synthetic_size",
                     "log_every", "max_skipped", "keep_checkpoints")
         non_negative = ("eval_every", "checkpoint_every", "warmup_steps", "crop_padding", "seed_chunk",
-                        "steps_per_call", "devices", "cpu_devices", "weight_decay", "clip_norm")
+                        "steps_per_call", "devices", "cpu_devices", "weight_decay", "clip_norm",
+                        "peer_timeout")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
@@ -378,6 +383,9 @@ FLAG_HELP = {
                       "resnet_tiny), in calls that end on every log, eval and checkpoint step",
     "data_placement": "where the training split lives: device (batches gathered in the "
                       "step), host (prefetched batches) or auto (device when it fits)",
+    "peer_timeout": "seconds a process of a multi-process run may go unheard (its host "
+                    "down or cut off, the process frozen) before the others end, each with "
+                    "one line; 0 = left to JAX's heartbeats (100 s, SIGABRT)",
     "cpu_devices": "make this host's CPU N XLA devices before JAX starts, so the step runs "
                    "data-parallel over the cores (--parallel auto); 0 = auto: for a seed "
                    "run, the most devices (<= cores) that divide --num-seeds and the batch "

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -242,6 +243,7 @@ def initialize(
     timeout_s: int = 300,
     hold_interrupt: bool = False,
     watch_peers: bool = True,
+    peer_timeout_s: float = peers.SILENCE_S,
 ) -> ProcessGroup | None:
     """Joins the multi-process run described by flags or the cluster; ``None`` when single.
 
@@ -257,11 +259,15 @@ def initialize(
 
     With ``watch_peers`` (default) a process of the run that ends unplanned (killed, or
     failing alone) ends this one too, at once, with one line and status 1
-    (``jaxtrain.peers``); without it, JAX aborts the others ~100 s later.
+    (``jaxtrain.peers``); without it, JAX aborts the others ~100 s later. So does one
+    unheard for ``peer_timeout_s`` seconds (its host down or cut off, the process
+    frozen; 0: left to JAX's heartbeats, 100 s or, when longer, ``peer_timeout_s`` + 30 s).
     """
     global _current, _interrupted
     if jax.distributed.is_initialized():
         return _current
+    if not (peer_timeout_s >= 0 and math.isfinite(peer_timeout_s)):
+        raise DistributedError(f"--peer-timeout must be finite and >= 0, got {peer_timeout_s}")
     group = detect(coordinator_address, num_processes, process_id)
     if group is None:
         return None
@@ -288,6 +294,9 @@ def initialize(
                 # Resolved above; jax's own detection would pin each process to one GPU.
                 cluster_detection_method="deactivate",
                 initialization_timeout=timeout_s + JAX_JOIN_GRACE_S,
+                # Ours ends a silent process first; JAX's must not come before it.
+                heartbeat_timeout_seconds=max(JAX_HEARTBEAT_S,
+                                              math.ceil(peer_timeout_s) + JAX_HEARTBEAT_GRACE_S),
             )
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -305,7 +314,8 @@ def initialize(
         from jax._src.distributed import global_state  # no public key-value store in jax
 
         host = group.coordinator_address.rpartition(":")[0].strip("[]")
-        peers.watch(group.process_id, group.num_processes, host, global_state.client)
+        peers.watch(group.process_id, group.num_processes, host, global_state.client,
+                    silence_s=peer_timeout_s)
     if came:
         if not hold_interrupt:
             raise KeyboardInterrupt
@@ -314,6 +324,8 @@ def initialize(
 
 
 JAX_JOIN_GRACE_S = 60  # JAX's own join deadline comes this much after ours
+JAX_HEARTBEAT_S = 100  # jax.distributed.initialize's default heartbeat_timeout_seconds
+JAX_HEARTBEAT_GRACE_S = 30  # a longer --peer-timeout moves JAX's this much past it
 _LAUNCHERS = {"slurm": "SLURM", "openmpi": "Open MPI"}
 
 

@@ -128,8 +128,9 @@ def train_and_evaluate(
     group = distributed.detect(config.coordinator_address, config.num_processes,
                                config.process_id)  # flags or SLURM / Open MPI
     check_processes(config.parallel, group.num_processes if group else 1)
+    # (hold_interrupt: start_together raises a Ctrl-C, telling the others)
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id,
-                           hold_interrupt=True)  # start_together raises it, telling the others
+                           hold_interrupt=True, peer_timeout_s=config.peer_timeout)
     with distributed.start_together():
         check_paths(config)  # read-only: a bad --workdir fails before anything is written
 

@@ -11,8 +11,13 @@ fails); process 0 passes any ``gone`` on to the others. A process that hears of 
 unplanned end prints ``error: process I of N ...`` and exits 1, even while its main
 thread waits in a compiled collective (the wait releases the GIL).
 
-Covers processes that end; a host that vanishes without closing its connections (power,
-network) is still left to JAX's heartbeats. Process 0 publishes its port through JAX's
+A host that vanishes without closing its connections (power, a cut network) or a frozen
+process (SIGSTOP, a debugger attached) closes nothing: every process also says ``beat``
+a few times per ``silence_s``, from a thread of its own, and one unheard for ``silence_s``
+counts as gone. A busy process still beats: XLA compiles and runs without the GIL (a
+45 s XLA:CPU compile left a 50 ms Python timer at most 58 ms late), and Python code
+yields it every 5 ms. A process that finds its own beats late (it was frozen or starved
+itself) blames nobody for that round. Process 0 publishes its port through JAX's
 key-value store; a process that cannot reach it warns once and runs unwatched.
 """
 
@@ -26,21 +31,34 @@ import selectors
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 KEY = "jaxtrain:peers"
 CONNECT_TIMEOUT_S = 10  # for the port, then for the connection
 SILENT = "ended without a word (killed by a signal: SIGKILL, the OOM killer? or its host went down)"
+SILENCE_S = 30.0  # the default time a process may go unheard (JAX's own heartbeats: 100 s)
+BEATS_PER_SILENCE = 6  # beats sent per silence_s, at most one a second
 
 
-def watch(process_id: int, num_processes: int, coordinator_host: str, client: Any) -> bool:
+def unheard(silence_s: float) -> str:
+    """Why a process that went unheard for ``silence_s`` counts as gone."""
+    return (f"was not heard from for {silence_s:g} s (its host down or cut off, or the "
+            "process frozen? --peer-timeout sets how long)")
+
+
+def watch(process_id: int, num_processes: int, coordinator_host: str, client: Any,
+          silence_s: float = SILENCE_S) -> bool:
     """Starts watching the run's other processes (call once, right after joining, on every
-    process; ``client`` is JAX's coordination client). False when this process could not
-    reach process 0 (it warned), for one process, or when already watching."""
+    process; ``client`` is JAX's coordination client). A process unheard for ``silence_s``
+    seconds counts as gone (0: only ends count). False when this process could not reach
+    process 0 (it warned), for one process, or when already watching."""
     global _current
     if num_processes < 2 or _current is not None:
         return False
-    watcher = _Watcher(process_id, num_processes)
+    if not silence_s >= 0:  # also NaN
+        raise ValueError(f"silence_s must be >= 0 seconds, got {silence_s}")
+    watcher = _Watcher(process_id, num_processes, silence_s)
     if process_id == 0:
         try:
             server = _listen()
@@ -64,8 +82,9 @@ def watch(process_id: int, num_processes: int, coordinator_host: str, client: An
             where = f"cannot reach process 0 at {coordinator_host}"
             _unwatched(process_id, num_processes, where, e)
             return False
-        watcher.socks[0] = sock
+        watcher.add(0, sock)
         _start(watcher.follow, sock)
+    _start(watcher.beat)
     _current = watcher
     atexit.register(watcher.send, "done")
     return True
@@ -97,12 +116,44 @@ _current: _Watcher | None = None
 class _Watcher:
     """This process's connections to the others (process 0: to each; else: to process 0)."""
 
-    def __init__(self, pid: int, n: int) -> None:
-        self.pid, self.n = pid, n
+    def __init__(self, pid: int, n: int, silence_s: float = SILENCE_S) -> None:
+        self.pid, self.n, self.silence_s = pid, n, silence_s
+        self.every = min(1.0, silence_s / BEATS_PER_SILENCE) if silence_s else 1.0  # s a beat
         self.armed = True  # False once this process leaves (or already heard of an end)
         self.socks: dict[int, socket.socket] = {}
+        self.heard_at: dict[int, float] = {}  # when each connected process last said anything
         self.done: set[int] = set()  # processes that said they leave on purpose
         self.lock = threading.Lock()
+
+    def add(self, pid: int, sock: socket.socket) -> None:
+        with self.lock:
+            self.socks[pid] = sock
+            self.heard_at[pid] = time.monotonic()
+
+    def beat(self) -> None:
+        """Says ``beat`` to every connection, for as long as this process lives (also after
+        ``leaving``: the others may still be busy), and ends those unheard for too long."""
+        last = time.monotonic()
+        while True:
+            time.sleep(self.every)
+            self.send("beat")
+            now = time.monotonic()
+            for pid in self.overdue(now, last):
+                self.gone(pid, unheard(self.silence_s))
+            last = now
+
+    def overdue(self, now: float, since: float) -> list[int]:
+        """The processes unheard for ``silence_s`` at ``now``. None when this process's
+        previous round (at ``since``) is long past: it was frozen or starved itself, and
+        what it was sent meanwhile may wait unread (their clocks restart instead)."""
+        with self.lock:
+            if now - since > max(2 * self.every, self.silence_s / 2):
+                self.heard_at = dict.fromkeys(self.heard_at, now)
+                return []
+            if not self.silence_s:
+                return []
+            return [pid for pid, at in self.heard_at.items()
+                    if now - at > self.silence_s and pid not in self.done]
 
     def send(self, line: str, skip: int | None = None) -> None:
         with self.lock:
@@ -127,6 +178,8 @@ class _Watcher:
 
     def heard(self, sender: int, line: str) -> None:
         """One line from ``sender`` (a peer, or process 0 passing one on)."""
+        with self.lock:
+            self.heard_at[sender] = time.monotonic()
         if line == "done":
             with self.lock:
                 self.done.add(sender)
@@ -168,8 +221,7 @@ class _Watcher:
                         self.heard(peer[sock], line)
                     elif (pid := self.introduced(line, token)) is not None:
                         peer[sock] = pid
-                        with self.lock:
-                            self.socks[pid] = sock
+                        self.add(pid, sock)
                     else:
                         chunk = b""  # a stranger: drop it
                         break

@@ -575,12 +575,17 @@ def test_peer_death_refuses_unknown_variants(capsys):
 
 
 @pytest.mark.slow
-def test_peer_death_smoke_kills_one_process_and_times_the_other(tmp_path):
-    assert peer_death.main(["--smoke", "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("sig, line", [
+    ("KILL", "error: process 1 of 2 ended without a word"),
+    ("STOP", "error: process 1 of 2 was not heard from for 3 s")])
+def test_peer_death_smoke_stops_one_process_and_times_the_other(tmp_path, sig, line):
+    assert peer_death.main(["--smoke", "--signal", sig, "--peer-timeout", "3",
+                            "--out", str(tmp_path)]) == 0
     (run,) = _load(tmp_path / "peer_death-cpu-smoke.json")["runs"]
-    assert run["watch"] == "on" and run["survivor_status"] == 1
-    assert run["survivor_last_line"].startswith("error: process 1 of 2 ended without a word")
+    assert run["watch"] == "on" and run["survivor_status"] == 1 and run["signal"] == sig
+    assert run["survivor_last_line"].startswith(line)
     assert not run["traceback_or_abort"] and run["killed_at_step"] >= 5
+    assert run["seconds_after_signal"] < (3 if sig == "KILL" else 20)
 
 
 # ----------------------------------------------------------------------------- corruptions

@@ -155,6 +155,8 @@ BAD = [
         "--coordinator-address must be HOST:PORT, got '10.0.0.1'"),
     Bad("process-id-out-of-range", ("--num-processes", "2", "--process-id", "2"),
         "--process-id 2 must be < --num-processes 2"),
+    Bad("peer-timeout-negative", ("--peer-timeout", "-5"),
+        "--peer-timeout must be finite and >= 0, got -5.0"),
     # --- data
     Bad("dataset-misspelled", ("--dataset", "Digits"),
         "unknown --dataset 'Digits'; choose digits, synthetic or a TFDS name such as mnist"),

@@ -104,6 +104,30 @@ def failing_worker(process_id: int, port: int) -> None:
     sys.exit(cli.run(TrainConfig, TrainConfig(), [], prog="worker", body=body))
 
 
+FROZEN_S = 2  # the frozen-worker's --peer-timeout
+
+
+def frozen_worker(process_id: int, port: int) -> None:
+    """A CLI body in a 2-process group: both keep Python busy for longer than the peer
+    timeout (their beats go on), then process 1 freezes (SIGSTOP: nothing is closed, as
+    when its host vanishes) while process 0 waits for it in a collective."""
+    from jaxtrain import cli, distributed
+    from jaxtrain.config import TrainConfig
+
+    def body(config):
+        distributed.initialize(f"127.0.0.1:{port}", 2, process_id, peer_timeout_s=FROZEN_S)
+        distributed.sync("jaxtrain-test:started")
+        busy_until = time.monotonic() + 2 * FROZEN_S
+        while time.monotonic() < busy_until:  # the main thread holds the GIL, in turns
+            sum(range(10_000))
+        distributed.sync("jaxtrain-test:busy")
+        if process_id == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        distributed.sync("jaxtrain-test:never")  # process 1 is frozen
+
+    sys.exit(cli.run(TrainConfig, TrainConfig(), [], prog="worker", body=body))
+
+
 def peer_gone_worker(process_id: int, port: int, go: str) -> None:
     """A CLI body in a 2-process group: process 1 ends after the join (status 3); process
     0 waits for the file ``go`` (made once process 1 has ended), then meets a collective.
@@ -586,6 +610,37 @@ def test_a_failing_process_exits_at_once_though_its_peer_waits_for_it():
             p.communicate()
 
 
+def test_a_frozen_process_ends_the_other_after_the_peer_timeout():
+    """Process 1 of 2 freezes (SIGSTOP), closing nothing, as when its host vanishes,
+    while process 0 waits for it in a collective: process 0 ends with one line about
+    --peer-timeout seconds later, not when JAX's heartbeats time out (100 s, SIGABRT)."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "frozen-worker", str(pid), str(port)],
+                              cwd=ROOT, env=cpu_env(1), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
+    try:
+        stat = Path(f"/proc/{procs[1].pid}/stat")
+        deadline = time.monotonic() + 120
+        while stat.read_text().rpartition(")")[2].split()[0] != "T":  # stopped
+            assert time.monotonic() < deadline and procs[0].poll() is None, (
+                procs[0].communicate()[1][-3000:])
+            time.sleep(0.02)
+        frozen = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        took = time.monotonic() - frozen
+        assert procs[0].returncode == 1, err[-3000:]
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1] == (
+            f"error: process 1 of 2 was not heard from for {FROZEN_S} s (its host down or cut "
+            f"off, or the process frozen? --peer-timeout sets how long); {RERUN}")
+        assert FROZEN_S - 1 < took < FROZEN_S + 15, took
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+            p.communicate()
+
+
 def test_a_collective_whose_peer_ended_fails_in_one_line(tmp_path):
     """Process 1 ends; process 0's next collective fails (gloo: connection closed by
     peer) and cli.run reports it in one line, status 1, not a traceback."""
@@ -821,6 +876,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker(out_dir, kind_arg, int(n_arg), int(pid_arg), int(port_arg))
 if __name__ == "__main__" and sys.argv[1:2] == ["failing-worker"]:
     failing_worker(int(sys.argv[2]), int(sys.argv[3]))
+if __name__ == "__main__" and sys.argv[1:2] == ["frozen-worker"]:
+    frozen_worker(int(sys.argv[2]), int(sys.argv[3]))
 if __name__ == "__main__" and sys.argv[1:2] == ["peer-gone-worker"]:
     peer_gone_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
 if __name__ == "__main__" and sys.argv[1:2] == ["start-worker"]:

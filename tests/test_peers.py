@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import socket
+import threading
 import time
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from jaxtrain import peers
 
 QUIET_S = 0.5  # how long a case that must not end the process is watched
+SHORT_S = 0.6  # silence_s of the cases on silence
 
 
 class FakeClient:
@@ -45,14 +47,18 @@ def connect(port: int, hello: str) -> socket.socket:
     return sock
 
 
-def read_line(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)  # a byte at a time: the next line stays unread
-        if not chunk:
-            break
-        data += chunk
-    return data.decode().strip()
+def read_line(sock: socket.socket, skip: str = "") -> str:
+    """The next line from ``sock``, passing over lines equal to ``skip``."""
+    while True:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(1)  # a byte at a time: the next line stays unread
+            if not chunk:
+                break
+            data += chunk
+        line = data.decode().strip()
+        if line != skip or not data:
+            return line
 
 
 def test_process_0_ends_when_a_peer_ends_unannounced_and_tells_the_rest(exits, capsys):
@@ -70,7 +76,7 @@ def test_process_0_ends_when_a_peer_ends_unannounced_and_tells_the_rest(exits, c
     assert exits.empty()
     dying.close()  # what the kernel does for a killed process
     assert exits.get(timeout=5) == 1
-    assert read_line(witness) == f"gone 2 {peers.SILENT}"
+    assert read_line(witness, skip="beat") == f"gone 2 {peers.SILENT}"
     assert capsys.readouterr().err.strip() == (
         f"error: process 2 of 4 {peers.SILENT}; its own output says why; rerun the same "
         "command on every process to resume")
@@ -85,10 +91,10 @@ def process_0():
     server.close()
 
 
-def follow(process_0) -> socket.socket:
+def follow(process_0, silence_s: float = peers.SILENCE_S) -> socket.socket:
     """Watches as process 1 of 2; process 0's end of the connection, past the greeting."""
     server, client = process_0
-    assert peers.watch(1, 2, "127.0.0.1", client)
+    assert peers.watch(1, 2, "127.0.0.1", client, silence_s)
     conn, _ = server.accept()
     assert read_line(conn) == "tok 1"
     return conn
@@ -116,7 +122,7 @@ def test_done_then_closed_ends_nothing_and_leaving_disarms(exits, process_0, mon
     conn = follow(process_0)
     peers.leaving()
     peers.failed(2)
-    assert read_line(conn) == "gone 1 ended with exit status 2"
+    assert read_line(conn, skip="beat") == "gone 1 ended with exit status 2"
     conn.close()
     time.sleep(QUIET_S)
     assert exits.empty()
@@ -145,3 +151,66 @@ def test_process_0_that_cannot_listen_tells_the_others_not_to_wait(exits, monkey
         capsys.readouterr().err)
     assert not peers.watch(1, 2, "127.0.0.1", client)  # no wait, no second warning
     assert capsys.readouterr().err == ""
+
+
+def test_a_follower_beats_and_ends_when_process_0_goes_silent(exits, process_0, capsys):
+    conn = follow(process_0, SHORT_S)
+    assert read_line(conn) == "beat"  # every SHORT_S / 6 s, for process 0 to hear
+    assert read_line(conn) == "beat"
+    heard = time.monotonic()  # process 0 (this test) says nothing: frozen, or its host gone
+    assert exits.get(timeout=5) == 1
+    assert SHORT_S / 2 < time.monotonic() - heard < SHORT_S + 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: process 0 of 2 {peers.unheard(SHORT_S)}; its own output says why; rerun "
+        "the same command on every process to resume")
+    assert "--peer-timeout" in peers.unheard(SHORT_S)
+    conn.close()
+
+
+def test_process_0_ends_a_silent_peer_not_one_that_beats_or_said_done(exits, capsys):
+    client = FakeClient()
+    assert peers.watch(0, 4, "127.0.0.1", client, silence_s=SHORT_S)
+    port, token = client.values[peers.KEY].split()
+    witness = connect(int(port), f"{token} 1\n")
+    done = connect(int(port), f"{token} 3\ndone\n")  # silent after that: it is leaving
+    stop = threading.Event()
+
+    def beats() -> None:
+        while not stop.wait(SHORT_S / 6):
+            witness.sendall(b"beat\n")
+
+    threading.Thread(target=beats, daemon=True).start()
+    time.sleep(3 * SHORT_S)
+    assert exits.empty()  # the witness beats; the other said done
+    silent = connect(int(port), f"{token} 2\n")
+    assert exits.get(timeout=5) == 1
+    stop.set()
+    assert read_line(witness, skip="beat") == f"gone 2 {peers.unheard(SHORT_S)}"
+    assert capsys.readouterr().err.startswith(f"error: process 2 of 4 {peers.unheard(SHORT_S)};")
+    for sock in (witness, done, silent):
+        sock.close()
+
+
+def test_a_process_that_was_frozen_itself_blames_nobody():
+    """``overdue``, the rule the beat thread applies each round, on made-up clocks."""
+    watcher = peers._Watcher(0, 3, silence_s=10)
+    assert watcher.every == 1.0 and peers._Watcher(0, 2, silence_s=0.6).every == pytest.approx(0.1)
+    watcher.heard_at = {1: 100.0, 2: 109.0}
+    assert watcher.overdue(now=111.0, since=110.0) == [1]  # 11 s unheard; 2 s
+    watcher.done.add(1)
+    assert watcher.overdue(now=111.0, since=110.0) == []  # said it leaves
+    watcher.done.clear()
+    # Its own previous round 20 s ago: this process was frozen, not its peers.
+    assert watcher.overdue(now=130.0, since=110.0) == []
+    assert watcher.heard_at == {1: 130.0, 2: 130.0}
+    assert watcher.overdue(now=139.0, since=138.0) == []
+    assert watcher.overdue(now=141.0, since=140.0) == [1, 2]
+    never = peers._Watcher(0, 2, silence_s=0)  # 0: only a process's end counts
+    never.heard_at = {1: 0.0}
+    assert never.overdue(now=1000.0, since=999.0) == []
+
+
+def test_a_negative_silence_is_refused(exits):
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="silence_s must be >= 0 seconds"):
+            peers.watch(0, 2, "127.0.0.1", FakeClient(), silence_s=bad)
