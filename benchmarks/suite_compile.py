@@ -9,7 +9,8 @@ at 5 severities, one seed, a randomly initialised model, uniform random images) 
 with ``fast_compile=True`` (``evaluator.FAST_COMPILE``) and once with ``False``
 (jaxtrain's ``compiler_options``), each in a fresh process without a compilation
 cache, the two one after the other. It reports the compile and run seconds the
-evaluator logged and the total, and what ``evaluator.wants_fast_compile`` (the
+evaluator logged and the total, XLA's estimate of the model's FLOPs over the split
+(a forward pass), and what ``evaluator.wants_fast_compile`` (the
 ``--fast-compile auto`` rule) picks for the case.
 """
 
@@ -34,6 +35,21 @@ def parse_case(text: str) -> dict[str, Any]:
         raise SystemExit(f"--cases: {text!r} is not model:HxWxC:N (e.g. cnn:32x32x3:512)") from None
 
 
+def forward_flops(apply_fn, variables_S, image_shape, num_examples: int) -> float:
+    """XLA's estimate of the FLOPs of ``apply_fn`` over ``num_examples`` images of
+    ``image_shape`` with one seed's variables (leading seed axis); lowers, compiles nothing."""
+    import jax
+    import numpy as np
+
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], np.asarray(a).dtype),
+                       variables_S)
+    x = jax.ShapeDtypeStruct((1, *image_shape), np.float32)
+    cost = jax.jit(apply_fn).lower(one, x).cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+        cost = cost[0]
+    return float(cost["flops"]) * num_examples
+
+
 def child(case: dict[str, Any]) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
@@ -54,16 +70,20 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
     spec = S.SuiteSpec()
     if case.get("corruptions"):  # --smoke's short list
         spec = dataclasses.replace(spec, corruptions=tuple(case["corruptions"]))
+
+    def apply(v, x):
+        return model.apply(v, x, train=False)
+
     t0 = time.perf_counter()
-    result = S.evaluate_suite(lambda v, x: model.apply(v, x, train=False), variables, split,
-                              spec, fast_compile=case["fast"])
+    result = S.evaluate_suite(apply, variables, split, spec, fast_compile=case["fast"])
     total = time.perf_counter() - t0
+    flops = forward_flops(apply, variables, shape, n)
     return {**case, "total_s": total,
             "compile_s": sum(r.compile_seconds for r in result.runs),
             "run_s": sum(r.seconds for r in result.runs),
             "programs": [{"name": r.name, "compile_s": r.compile_seconds, "run_s": r.seconds}
                          for r in result.runs],
-            "auto_picks_fast": E.wants_fast_compile("cpu", split)}
+            "forward_flops": flops, "auto_picks_fast": E.wants_fast_compile("cpu", split)}
 
 
 def parse_args(argv):
@@ -90,15 +110,17 @@ def main(argv=None) -> int:
             pair["fast" if fast else "optimized"] = run
         runs.append(pair)
         f, o = pair["fast"], pair["optimized"]
-        print(f"{case['model']} {'x'.join(map(str, case['shape']))} x {case['n']}: fast "
+        print(f"{case['model']} {'x'.join(map(str, case['shape']))} x {case['n']} "
+              f"({f['forward_flops']:.3g} FLOPs a pass): fast "
               f"{f['total_s']:.1f} s (compile {f['compile_s']:.1f}), optimized {o['total_s']:.1f} s "
               f"(compile {o['compile_s']:.1f}); auto picks "
               f"{'fast' if f['auto_picks_fast'] else 'optimized'}", flush=True)
     common.print_table(
         "the whole suite, one seed: FAST_COMPILE against optimized (seconds)",
-        ["case", "fast total", "fast compile", "fast run", "opt total", "opt compile", "opt run",
-         "faster", "auto picks"],
+        ["case", "FLOPs a pass", "fast total", "fast compile", "fast run", "opt total",
+         "opt compile", "opt run", "faster", "auto picks"],
         [[f"{p['fast']['model']} {'x'.join(map(str, p['fast']['shape']))} x {p['fast']['n']}",
+          f"{p['fast']['forward_flops']:.3g}",
           common.fmt(p["fast"]["total_s"]), common.fmt(p["fast"]["compile_s"]),
           common.fmt(p["fast"]["run_s"]), common.fmt(p["optimized"]["total_s"]),
           common.fmt(p["optimized"]["compile_s"]), common.fmt(p["optimized"]["run_s"]),

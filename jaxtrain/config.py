@@ -383,6 +383,10 @@ FLAG_HELP = {
                       "resnet_tiny), in calls that end on every log, eval and checkpoint step",
     "data_placement": "where the training split lives: device (batches gathered in the "
                       "step), host (prefetched batches) or auto (device when it fits)",
+    "fast_compile": "the robustness suite's programs compiled with LLVM's optimizations off "
+                    "(compile ~1.2-2x faster, run ~1.1-2.3x slower): on, off or auto (on "
+                    "CPU for test splits of at most 2^18 image values; off for the "
+                    "published CIFAR-10-C images)",
     "peer_timeout": "seconds a process of a multi-process run may go unheard (its host "
                     "down or cut off, the process frozen) before the others end, each with "
                     "one line; 0 = left to JAX's heartbeats (100 s, SIGABRT)",

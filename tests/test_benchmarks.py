@@ -622,3 +622,4 @@ def test_suite_compile_runs_each_case_both_ways(tmp_path):
         assert side["n"] == 4 and side["total_s"] >= side["compile_s"] > 0
         assert {p["name"] for p in side["programs"]} >= {"clean", "noise"}
         assert side["auto_picks_fast"] is True
+        assert 0 < side["forward_flops"] < 1e7  # 4 digits-shape images through the MLP

@@ -407,6 +407,14 @@ def test_cifar10_corrupted_under_mock_data(monkeypatch):
         return real(name, **kwargs)
 
     monkeypatch.setattr(tfds, "data_source", spy)
+    built = []  # each Evaluator, for its compile options
+
+    class Evaluator(E.Evaluator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(tfds_c, "Evaluator", Evaluator)
     model = create_model("mlp", 10, hidden=(16,))
     keys = jax.random.split(jax.random.PRNGKey(0), 2)
     variables = jax.tree.map(np.asarray, jax.jit(jax.vmap(
@@ -417,7 +425,14 @@ def test_cifar10_corrupted_under_mock_data(monkeypatch):
             _apply(model), variables, corruptions=names, severities=(1, 3),
             strategy=create_strategy("mesh"))
         loaded = tfds_c.load_cifar10_corrupted("frost", (1, 3))
-    assert [c[0] for c in calls] == ["cifar10_corrupted/frost_1", "cifar10_corrupted/frost_3"] * 2
+        tfds_c.evaluate_cifar10_corrupted(_apply(model), variables, corruptions=names,
+                                          severities=(1,), strategy=create_strategy("mesh"),
+                                          fast_compile=True)
+    # Optimized by default, unlike the suite's small splits; FAST_COMPILE when asked.
+    assert built[0].compiler_options != E.FAST_COMPILE
+    assert built[1].compiler_options == E.FAST_COMPILE
+    assert [c[0] for c in calls] == ["cifar10_corrupted/frost_1", "cifar10_corrupted/frost_3"] * 2 + [
+        "cifar10_corrupted/frost_1"]
     assert all(c[1]["download"] is False and c[1]["split"] == "test" for c in calls)
     assert loaded["image"].shape == (12, 2, 32, 32, 3) and loaded["image"].dtype == np.uint8
     for s in range(2):

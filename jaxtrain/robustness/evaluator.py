@@ -119,13 +119,16 @@ def _to_host(tree: PyTree) -> PyTree:
     return jax.tree.map(cast, tree)
 
 
-# XLA:CPU compiles these programs ~1.5-2x faster with LLVM's optimizations off and runs
-# them ~1.5-2.3x slower, so it pays only where compiling dominates. The whole suite, one
-# seed (``python -m benchmarks.suite_compile``, 2 cores, ``suite_compile-cpu.json``),
+# XLA:CPU compiles these programs ~1.2-2x faster with LLVM's optimizations off and runs
+# them ~1.1-2.3x slower, so it pays only where compiling dominates. The whole suite, one
+# seed (``python -m benchmarks.suite_compile``, 2 cores, ``suite_compile-cpu*.json``),
 # fast against optimized: digits MLP (359 x 8x8x1) 9.6 against 15.7 s; CIFAR-shape CNN
 # 64 images 25.2 against 28.0 s, 128 images 35.1 against 32.5 s, 512 images 90.3 against
-# 57.0 s. Hence on CPU only for splits of at most FAST_COMPILE_MAX_VALUES values
-# (N x H x W x C; digits: 23 000, 64 CIFAR images 197 000, CIFAR-10: 31 million).
+# 57.0 s; MNIST-shape CNN 256 images 25.8 against 25.2 s, 1024 images 61.4 against 42.7
+# s; ResNet-18 on 8 CIFAR-shape images 26.8 against 31.5 s, 32 images 46.5 against 47.5
+# s, 64 images 71.6 against 71.9 s. Hence on CPU only for splits of at most
+# FAST_COMPILE_MAX_VALUES values (N x H x W x C; digits: 23 000, 64 CIFAR images
+# 197 000, CIFAR-10: 31 million).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 FAST_COMPILE_MAX_VALUES = 2**18
 

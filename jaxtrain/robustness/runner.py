@@ -78,7 +78,9 @@ class RobustnessConfig:
     seed: int = 0  # key of every noise draw and random start
     chunk_size: int = 0  # examples per chunk (0: from --memory-budget-mb)
     memory_budget_mb: int = 0  # 0: 40% of accelerator memory, 1024 on CPU
-    fast_compile: Literal["auto", "on", "off"] = "auto"  # auto: on for CPU and small test splits
+    # auto: on for CPU and small test splits (evaluator.wants_fast_compile); off for
+    # CIFAR-10-C's published images (tfds_c)
+    fast_compile: Literal["auto", "on", "off"] = "auto"
     parallel: Literal["auto", "none", "mesh"] = "auto"
     devices: int = 0
     plots: bool = True
