@@ -2,6 +2,7 @@
 
     python -m benchmarks.suite_compile                    # digits MLP and CIFAR-shape CNN
     python -m benchmarks.suite_compile --cases cnn:32x32x3:128,mlp:8x8x1:4096
+    python -m benchmarks.suite_compile --cases sets:cnn:32x32x3:2000   # as for CIFAR-10-C
     python -m benchmarks.suite_compile --smoke            # tiny sizes, figures meaningless
 
 Each case ``model:HxWxC:N`` runs ``suite.evaluate_suite`` (every in-memory corruption
@@ -11,7 +12,10 @@ with ``fast_compile=True`` (``evaluator.FAST_COMPILE``) and once with ``False``
 cache, the two one after the other. It reports the compile and run seconds the
 evaluator logged and the total, XLA's estimate of the model's FLOPs over the split
 (a forward pass), and what ``evaluator.wants_fast_compile`` (the
-``--fast-compile auto`` rule) picks for the case.
+``--fast-compile auto`` rule) picks for the case. A case ``sets:model:HxWxC:N`` runs
+instead the one program of the published CIFAR-10-C images (``image_sets_program``)
+over N x 5 severities of random uint8 images, for 3 corruptions (compiled once), as
+``tfds_c`` does; ``tfds_c`` compiles it optimized unless asked.
 """
 
 from __future__ import annotations
@@ -26,13 +30,19 @@ from benchmarks import common
 DEFAULT_CASES = ["mlp:8x8x1:359", "cnn:32x32x3:512"]
 
 
+SETS_CORRUPTIONS = 3  # a sets case's runs of its one program
+SEVERITIES = 5
+
+
 def parse_case(text: str) -> dict[str, Any]:
+    kind, rest = ("sets", text[len("sets:"):]) if text.startswith("sets:") else ("suite", text)
     try:
-        model, shape, n = text.split(":")
+        model, shape, n = rest.split(":")
         h, w, c = (int(v) for v in shape.split("x"))
-        return {"model": model, "shape": [h, w, c], "n": int(n)}
+        return {"kind": kind, "model": model, "shape": [h, w, c], "n": int(n)}
     except ValueError:
-        raise SystemExit(f"--cases: {text!r} is not model:HxWxC:N (e.g. cnn:32x32x3:512)") from None
+        raise SystemExit(f"--cases: {text!r} is not [sets:]model:HxWxC:N "
+                         "(e.g. cnn:32x32x3:512)") from None
 
 
 def forward_flops(apply_fn, variables_S, image_shape, num_examples: int) -> float:
@@ -75,21 +85,36 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
         return model.apply(v, x, train=False)
 
     t0 = time.perf_counter()
-    result = S.evaluate_suite(apply, variables, split, spec, fast_compile=case["fast"])
+    if case.get("kind") == "sets":
+        arrays = {"image": rng.integers(0, 256, (n, SEVERITIES, *shape), dtype=np.uint8),
+                  "label": rng.integers(0, 10, (n, SEVERITIES)).astype(np.int32)}
+        ev = E.Evaluator(variables, fast_compile=case["fast"])
+        program = S.image_sets_program(apply)
+        runs = [ev.run(f"sets{i}", program, arrays) for i in range(SETS_CORRUPTIONS)]
+        auto = False  # tfds_c: optimized unless asked
+    else:
+        runs = S.evaluate_suite(apply, variables, split, spec, fast_compile=case["fast"]).runs
+        auto = E.wants_fast_compile("cpu", split)
     total = time.perf_counter() - t0
-    flops = forward_flops(apply, variables, shape, n)
+    images = n * (SEVERITIES * SETS_CORRUPTIONS if case.get("kind") == "sets" else 1)
     return {**case, "total_s": total,
-            "compile_s": sum(r.compile_seconds for r in result.runs),
-            "run_s": sum(r.seconds for r in result.runs),
+            "compile_s": sum(r.compile_seconds for r in runs),
+            "run_s": sum(r.seconds for r in runs),
             "programs": [{"name": r.name, "compile_s": r.compile_seconds, "run_s": r.seconds}
-                         for r in result.runs],
-            "forward_flops": flops, "auto_picks_fast": E.wants_fast_compile("cpu", split)}
+                         for r in runs],
+            "forward_flops": forward_flops(apply, variables, shape, images),
+            "auto_picks_fast": auto}
+
+
+def label(case: dict[str, Any]) -> str:
+    sets = "sets " if case.get("kind") == "sets" else ""
+    return f"{sets}{case['model']} {'x'.join(map(str, case['shape']))} x {case['n']}"
 
 
 def parse_args(argv):
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--cases", type=common.str_list, default=DEFAULT_CASES,
-                   help="model:HxWxC:N, comma-separated")
+                   help="[sets:]model:HxWxC:N, comma-separated")
     return p.parse_args(argv)
 
 
@@ -110,16 +135,17 @@ def main(argv=None) -> int:
             pair["fast" if fast else "optimized"] = run
         runs.append(pair)
         f, o = pair["fast"], pair["optimized"]
-        print(f"{case['model']} {'x'.join(map(str, case['shape']))} x {case['n']} "
+        print(f"{label(case)} "
               f"({f['forward_flops']:.3g} FLOPs a pass): fast "
               f"{f['total_s']:.1f} s (compile {f['compile_s']:.1f}), optimized {o['total_s']:.1f} s "
               f"(compile {o['compile_s']:.1f}); auto picks "
               f"{'fast' if f['auto_picks_fast'] else 'optimized'}", flush=True)
     common.print_table(
-        "the whole suite, one seed: FAST_COMPILE against optimized (seconds)",
+        "the whole suite (sets: CIFAR-10-C's program), one seed: FAST_COMPILE against "
+        "optimized (seconds)",
         ["case", "FLOPs a pass", "fast total", "fast compile", "fast run", "opt total",
          "opt compile", "opt run", "faster", "auto picks"],
-        [[f"{p['fast']['model']} {'x'.join(map(str, p['fast']['shape']))} x {p['fast']['n']}",
+        [[label(p["fast"]),
           f"{p['fast']['forward_flops']:.3g}",
           common.fmt(p["fast"]["total_s"]), common.fmt(p["fast"]["compile_s"]),
           common.fmt(p["fast"]["run_s"]), common.fmt(p["optimized"]["total_s"]),

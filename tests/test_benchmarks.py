@@ -612,14 +612,23 @@ def test_poisson_times_both_samplers_per_preset_and_compile(tmp_path):
 
 def test_suite_compile_runs_each_case_both_ways(tmp_path):
     assert suite_compile.parse_case("cnn:32x32x3:512") == {
-        "model": "cnn", "shape": [32, 32, 3], "n": 512}
-    with pytest.raises(SystemExit, match="not model:HxWxC:N"):
+        "kind": "suite", "model": "cnn", "shape": [32, 32, 3], "n": 512}
+    assert suite_compile.parse_case("sets:cnn:32x32x3:64")["kind"] == "sets"
+    with pytest.raises(SystemExit, match="not \\[sets:\\]model:HxWxC:N"):
         suite_compile.parse_case("cnn:32x32:512")
-    assert suite_compile.main(["--smoke", "--cases", "mlp:8x8x1:359", "--out", str(tmp_path)]) == 0
-    (run,) = _load(tmp_path / "suite_compile-cpu-smoke.json")["runs"]
-    assert run["fast"]["fast"] is True and run["optimized"]["fast"] is False
-    for side in run.values():
-        assert side["n"] == 4 and side["total_s"] >= side["compile_s"] > 0
+    assert suite_compile.main(["--smoke", "--cases", "mlp:8x8x1:359,sets:mlp:8x8x1:359",
+                               "--out", str(tmp_path)]) == 0
+    suite, sets = _load(tmp_path / "suite_compile-cpu-smoke.json")["runs"]
+    for run in (suite, sets):
+        assert run["fast"]["fast"] is True and run["optimized"]["fast"] is False
+        for side in run.values():
+            assert side["n"] == 4 and side["total_s"] >= side["compile_s"] > 0
+    for side in suite.values():
         assert {p["name"] for p in side["programs"]} >= {"clean", "noise"}
         assert side["auto_picks_fast"] is True
         assert 0 < side["forward_flops"] < 1e7  # 4 digits-shape images through the MLP
+    for side in sets.values():  # one program, compiled once, run for 3 corruptions
+        assert [p["name"] for p in side["programs"]] == ["sets0", "sets1", "sets2"]
+        first, again = side["programs"][0]["compile_s"], side["programs"][1]["compile_s"]
+        assert again < first / 10 and side["auto_picks_fast"] is False
+        assert side["forward_flops"] == pytest.approx(15 * suite["fast"]["forward_flops"])

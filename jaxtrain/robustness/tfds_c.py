@@ -149,8 +149,9 @@ def evaluate_cifar10_corrupted(
     corruptions = check_corruptions(corruptions)
     _tfds()  # fail before anything is placed
     # Optimized unless asked: its one program compiles in about a second either way, and
-    # FAST_COMPILE ran it 1.2-4.9x slower (by hand, 2 cores: a CNN on 2000 x 5 images x 3
-    # corruptions 13.7 against 2.8 s; ResNet-18 on 100 x 5 x 2: 6.4 against 5.5 s).
+    # FAST_COMPILE ran it 1.1-5.3x slower (``python -m benchmarks.suite_compile --cases
+    # sets:...``, 2 cores, 3 corruptions x 5 severities, total s: a CNN on 100 images 1.34
+    # against 0.96, on 2000 images 15.2 against 3.65; ResNet-18 on 100: 11.5 against 10.3).
     ev = Evaluator(variables_S, strategy=strategy, chunk_size=chunk_size,
                    memory_budget_bytes=memory_budget_bytes, log=log,
                    fast_compile=bool(fast_compile))
