@@ -124,6 +124,7 @@ class _Watcher:
         self.heard_at: dict[int, float] = {}  # when each connected process last said anything
         self.done: set[int] = set()  # processes that said they leave on purpose
         self.lock = threading.Lock()
+        self.sending = threading.Lock()
 
     def add(self, pid: int, sock: socket.socket) -> None:
         with self.lock:
@@ -158,9 +159,10 @@ class _Watcher:
     def send(self, line: str, skip: int | None = None) -> None:
         with self.lock:
             socks = [s for pid, s in self.socks.items() if pid != skip]
-        for sock in socks:
-            with contextlib.suppress(OSError):
-                sock.sendall(f"{line}\n".encode())
+        with self.sending:  # whole lines: the beat thread and others send alike
+            for sock in socks:
+                with contextlib.suppress(OSError):
+                    sock.sendall(f"{line}\n".encode())
 
     def gone(self, pid: int, why: str) -> None:
         """Another process ended unplanned: pass it on (process 0), say so, exit 1."""

@@ -179,12 +179,14 @@ def test_process_0_ends_a_silent_peer_not_one_that_beats_or_said_done(exits, cap
         while not stop.wait(SHORT_S / 6):
             witness.sendall(b"beat\n")
 
-    threading.Thread(target=beats, daemon=True).start()
+    beater = threading.Thread(target=beats, daemon=True)
+    beater.start()
     time.sleep(3 * SHORT_S)
     assert exits.empty()  # the witness beats; the other said done
     silent = connect(int(port), f"{token} 2\n")
     assert exits.get(timeout=5) == 1
     stop.set()
+    beater.join()  # before the witness closes
     assert read_line(witness, skip="beat") == f"gone 2 {peers.unheard(SHORT_S)}"
     assert capsys.readouterr().err.startswith(f"error: process 2 of 4 {peers.unheard(SHORT_S)};")
     for sock in (witness, done, silent):
