@@ -408,7 +408,10 @@ def test_ctrl_c_while_the_experiment_imports_exits_130_in_one_line(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiments.digits_mlp", "--workdir", str(tmp_path / "run"),
-         "--progress", "none"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+         "--progress", "none"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+        # A suite started in the background (``cmd &``) ignores SIGINT, and so would the
+        # child, as a background job must; a terminal's child gets the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)  # importing jax (the run itself starts seconds later)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
