@@ -5,10 +5,10 @@
     python -m benchmarks.peer_death --signal STOP --watch on   # frozen, as a vanished host
 
 Each round starts ``experiments.digits_mlp`` as 2 processes x 2 CPU devices on
-127.0.0.1 (gloo), waits until process 0 logs step ``--kill-at``, sends SIGKILL (or ``--signal STOP``: frozen,
-its connections left open, as when its host vanishes) to process ``--victim`` and
-times the survivor's end: seconds after the signal, its exit status and its last
-stderr line. ``--watch on`` is the CLI as users run it
+127.0.0.1 (gloo), waits until process 0 logs step ``--kill-at``, sends SIGKILL (or
+``--signal STOP``: frozen, its connections left open, as when its host vanishes) to
+process ``--victim`` and times the survivor's end: seconds after the signal, its exit
+status and its last stderr line. ``--watch on`` is the CLI as users run it
 (``jaxtrain.peers`` watches the processes); ``off`` joins with
 ``distributed.initialize(watch_peers=False)`` first, as before the watch (the
 survivor waits in the step's collective until JAX's heartbeat timeout aborts it).

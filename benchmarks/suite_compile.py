@@ -71,32 +71,33 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
 
     shape, n = tuple(case["shape"]), case["n"]
     rng = np.random.default_rng(0)
-    split = {"image": rng.uniform(size=(n, *shape)).astype(np.float32),
-             "label": rng.integers(0, 10, n).astype(np.int32)}
     channels = shape[-1]
     model = create_model(case["model"], 10, mean=(0.5,) * channels, std=(0.25,) * channels)
     variables = jax.tree.map(lambda a: np.asarray(a)[None],
                              model.init(jax.random.key(0), jnp.zeros((1, *shape))))
-    spec = S.SuiteSpec()
-    if case.get("corruptions"):  # --smoke's short list
-        spec = dataclasses.replace(spec, corruptions=tuple(case["corruptions"]))
 
     def apply(v, x):
         return model.apply(v, x, train=False)
 
-    t0 = time.perf_counter()
     if case.get("kind") == "sets":
         arrays = {"image": rng.integers(0, 256, (n, SEVERITIES, *shape), dtype=np.uint8),
                   "label": rng.integers(0, 10, (n, SEVERITIES)).astype(np.int32)}
+        t0 = time.perf_counter()
         ev = E.Evaluator(variables, fast_compile=case["fast"])
         program = S.image_sets_program(apply)
         runs = [ev.run(f"sets{i}", program, arrays) for i in range(SETS_CORRUPTIONS)]
-        auto = False  # tfds_c: optimized unless asked
+        total = time.perf_counter() - t0
+        auto, images = False, n * SEVERITIES * SETS_CORRUPTIONS  # tfds_c: optimized unless asked
     else:
+        split = {"image": rng.uniform(size=(n, *shape)).astype(np.float32),
+                 "label": rng.integers(0, 10, n).astype(np.int32)}
+        spec = S.SuiteSpec()
+        if case.get("corruptions"):  # --smoke's short list
+            spec = dataclasses.replace(spec, corruptions=tuple(case["corruptions"]))
+        t0 = time.perf_counter()
         runs = S.evaluate_suite(apply, variables, split, spec, fast_compile=case["fast"]).runs
-        auto = E.wants_fast_compile("cpu", split)
-    total = time.perf_counter() - t0
-    images = n * (SEVERITIES * SETS_CORRUPTIONS if case.get("kind") == "sets" else 1)
+        total = time.perf_counter() - t0
+        auto, images = E.wants_fast_compile("cpu", split), n
     return {**case, "total_s": total,
             "compile_s": sum(r.compile_seconds for r in runs),
             "run_s": sum(r.seconds for r in runs),

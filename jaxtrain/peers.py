@@ -182,10 +182,9 @@ class _Watcher:
         """One line from ``sender`` (a peer, or process 0 passing one on)."""
         with self.lock:
             self.heard_at[sender] = time.monotonic()
-        if line == "done":
-            with self.lock:
+            if line == "done":
                 self.done.add(sender)
-        elif line.startswith("gone "):
+        if line.startswith("gone "):
             _, pid, why = (line.split(" ", 2) + [""])[:3]
             if pid.isdigit():
                 self.gone(int(pid), why or SILENT)
