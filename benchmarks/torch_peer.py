@@ -137,6 +137,11 @@ CNN_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         "mesh", flags="--xla_cpu_multi_thread_eigen=false", model="cnn_mmgrad"),
     # YNNPACK off altogether (dots and reductions too), the only way pmap gets Eigen's convs
     "YNNPACK off": ({"model": "cnn_xlaconv"}, YNN_OFF),
+    # the CPU default before 2026-12-08: the first layer's weight gradient a matmul
+    # (conv.conv_same), not Eigen's convolution (conv.conv_taps); one and 25 steps per call
+    "first layer matmul weight grad": ({"model": "cnn_taps_mm"}, ""),
+    "first layer matmul weight grad, 25 steps per call": (
+        {"model": "cnn_taps_mm", "steps_per_call": 25}, ""),
     "2 CPU devices, pmap + YNNPACK off": _on_cpu_devices("pmap", flags=YNN_OFF),
 }
 # Not listed: --xla_cpu_use_thunk_runtime=false is ignored by jaxlib 0.10 ("no longer
@@ -625,8 +630,9 @@ def register_benchmark_models() -> None:
     """Adds ``cnn_im2col`` (``CNN(conv="im2col")``), ``cnn_nchw`` (the CNN with NCHW
     convolutions), ``cnn_xlapool`` (``CNN(pool="xla")``: ``nn.max_pool``, whose
     gradient is ``select_and_scatter``), ``cnn_xlaconv`` and ``cnn_mmgrad`` (``conv``
-    ``"xla"`` and ``"matmul_grad"`` whatever the device count) to the model registry
-    of this (child) process."""
+    ``"xla"`` and ``"matmul_grad"`` whatever the device count) and ``cnn_taps_mm``
+    (``conv=("taps", "nhwc_vjp")``: the CPU default before 2026-12-08, the first
+    layer's weight gradient a matmul) to the model registry of this (child) process."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -640,6 +646,7 @@ def register_benchmark_models() -> None:
     models.MODELS["cnn_xlapool"] = functools.partial(models.CNN, pool="xla")
     models.MODELS["cnn_xlaconv"] = functools.partial(models.CNN, conv="xla")
     models.MODELS["cnn_mmgrad"] = functools.partial(models.CNN, conv="matmul_grad")
+    models.MODELS["cnn_taps_mm"] = functools.partial(models.CNN, conv=("taps", "nhwc_vjp"))
 
     class ConvNCHW(nn.Module):
         features: int

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtrain.compile_options import compiler_options
-from jaxtrain.conv import MatmulGradConv, conv_nhwc, is_narrow, nn_conv_params
+from jaxtrain.conv import MatmulGradConv, TapsConv, conv_nhwc, is_narrow, nn_conv_params
 from jaxtrain.data import global_batch_rows
 from jaxtrain.pooling import relu_max_pool_2x2
 
@@ -117,8 +117,8 @@ def _auto_conv(narrow: bool) -> str:
     """``CNN(conv="auto")``'s lowering of one convolution (see ``CNN``)."""
     if jax.default_backend() != "cpu":
         return "xla"
-    if narrow:
-        return "taps"
+    if narrow:  # Eigen's weight gradient where jaxtrain's programs run Eigen convolutions
+        return "taps" if compiler_options("cpu") is None else "taps_nhwc"
     one_device = jax.local_device_count() == 1
     return "matmul_grad" if one_device and compiler_options("cpu") is None else "nhwc_vjp"
 
@@ -131,8 +131,9 @@ NhwcVjpConv = functools.partial(nn.Conv, conv_general_dilated=conv_nhwc)
 class CNN(nn.Module):
     """Small LeNet-style CNN: two conv(3x3)+ReLU+maxpool blocks, dense, head.
 
-    ``conv`` picks how the convolutions lower, all with ``nn.Conv``'s parameters
-    (checkpoints do not care which; measurements: ``jaxtrain.conv``):
+    ``conv`` picks how the convolutions lower, one name for every layer or a tuple
+    with one per layer, all with ``nn.Conv``'s parameters (checkpoints do not care
+    which; measurements: ``jaxtrain.conv``):
 
     - ``"xla"``: XLA's convolution;
     - ``"nhwc_vjp"``: XLA's, with ``conv.conv_nhwc``'s backward (the gradients in the
@@ -142,11 +143,14 @@ class CNN(nn.Module):
     - ``"taps"``: layers with a narrow input (``kh * kw * C <= 32``: the first)
       as ``conv_same(taps=True)``, broadcast multiply-adds with the matmul weight
       gradient; the others XLA's;
+    - ``"taps_nhwc"``: narrow layers as ``conv.TapsConv`` (the same forward with
+      ``conv_nhwc``'s backward), the others ``"nhwc_vjp"``;
     - ``"im2col"``: patches + one matmul (``Im2ColConv``);
     - ``"auto"`` (default): on GPUs ``"xla"``; on CPU the narrow first layer as
-      ``"taps"``, the others ``"nhwc_vjp"``, or ``"matmul_grad"`` on a single CPU device
-      whose programs keep XLA's YNNPACK convolutions (no
-      ``compile_options.compiler_options``), where that was 1.28-1.5x faster.
+      ``"taps_nhwc"`` where jaxtrain's programs run Eigen's convolutions
+      (``compile_options.compiler_options``), else ``"taps"``; the others
+      ``"nhwc_vjp"``, or ``"matmul_grad"`` on a single CPU device whose programs keep
+      XLA's YNNPACK convolutions, where that was 1.28-1.5x faster.
 
     ``pool="elementwise"`` (default) is ``pooling.relu_max_pool_2x2``: ReLU and
     ``nn.max_pool`` in one, the same values and gradients, with an elementwise
@@ -164,24 +168,28 @@ class CNN(nn.Module):
     std: Sequence[float] = (1.0,)
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
-    conv: str = "auto"
+    conv: str | tuple[str, ...] = "auto"
     pool: str = "elementwise"
 
     @nn.compact
     def __call__(self, x_BHWC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         convs = {"xla": nn.Conv, "nhwc_vjp": NhwcVjpConv, "matmul_grad": MatmulGradConv,
                  "im2col": Im2ColConv,
-                 "taps": functools.partial(MatmulGradConv, taps=True)}
-        if self.conv not in ("auto", *convs) or self.pool not in ("elementwise", "xla"):
+                 "taps": functools.partial(MatmulGradConv, taps=True), "taps_nhwc": TapsConv}
+        kinds = ((self.conv,) * len(self.features) if isinstance(self.conv, str)
+                 else tuple(self.conv))
+        if (len(kinds) != len(self.features) or any(k not in ("auto", *convs) for k in kinds)
+                or self.pool not in ("elementwise", "xla")):
             raise ValueError(f"CNN: unknown conv {self.conv!r} or pool {self.pool!r}; conv is "
-                             f"one of {['auto', *convs]}, pool 'elementwise' or 'xla'")
+                             f"one of {['auto', *convs]} or one per layer "
+                             f"({len(self.features)}), pool 'elementwise' or 'xla'")
         x = Standardize(self.mean, self.std)(x_BHWC).astype(self.dtype)
-        for i, f in enumerate(self.features):
-            kind = self.conv
+        for i, (f, kind) in enumerate(zip(self.features, kinds)):
             if kind == "auto":
                 kind = _auto_conv(is_narrow((3, 3), x.shape[-1]))
-            elif kind == "taps" and not is_narrow((3, 3), x.shape[-1]):
-                kind = "xla"  # taps only where the input is narrow (the first layer)
+            elif kind in ("taps", "taps_nhwc") and not is_narrow((3, 3), x.shape[-1]):
+                # taps only where the input is narrow (the first layer)
+                kind = "xla" if kind == "taps" else "nhwc_vjp"
             x = convs[kind](f, (3, 3), dtype=self.dtype, name=f"Conv_{i}")(x)
             if min(x.shape[1:3]) < 2:
                 x = nn.relu(x)

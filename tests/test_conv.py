@@ -17,6 +17,7 @@ from jaxtrain.state import create_train_state
 from jaxtrain.steps import train_step
 
 FAST = {"xla_backend_optimization_level": 0}  # LLVM unoptimized: compiles faster, same math
+NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _ref(x, k):
@@ -64,6 +65,34 @@ def test_conv_same_taps_forward_is_the_same_convolution(shape, kernel):
                                atol=0.05 * float(jnp.abs(y_ref).max()))
 
 
+@pytest.mark.parametrize("shape, kernel", [((4, 12, 12, 1), (3, 3)), ((2, 9, 7, 3), (3, 3)),
+                                           ((3, 8, 8, 4), (2, 2)), ((2, 7, 7, 1), (5, 5))])
+def test_conv_taps_is_the_tap_forward_with_conv_nhwcs_backward(shape, kernel):
+    """``conv_taps``: ``conv_same(taps=True)``'s values, ``conv_nhwc``'s gradients, exactly."""
+    x, k, g = _normal(0, shape), _normal(1, (*kernel, shape[-1], 16)), _normal(2, (*shape[:3], 16))
+    nhwc = functools.partial(conv.conv_nhwc, window_strides=(1, 1), padding="SAME",
+                             dimension_numbers=NHWC)
+    taps = functools.partial(conv.conv_same, taps=True)
+    (y_taps, *_), (_, dx_ref, dk_ref), (y, dx, dk) = (
+        jax.jit(functools.partial(_value_and_grads, f))(x, k, g)
+        for f in (taps, nhwc, conv.conv_taps))
+    np.testing.assert_array_equal(y, y_taps)
+    np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_array_equal(dk, dk_ref)
+    y_ref, _, dk_xla = jax.jit(functools.partial(_value_and_grads, _ref))(x, k, g)
+    np.testing.assert_allclose(dk, dk_xla, rtol=1e-4, atol=1e-4 * float(jnp.abs(dk_xla).max()))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(y_ref).max()))
+    # under vmap (seed runs) and in bfloat16
+    xs, ks = np.stack([x, 2 * x]), np.stack([k, -k])
+    ys = jax.jit(jax.vmap(conv.conv_taps))(xs, ks)
+    np.testing.assert_allclose(ys[1], -2 * y_taps, rtol=1e-5, atol=1e-5 * float(jnp.abs(y).max()))
+    dkb = jax.grad(lambda k: jnp.sum(conv.conv_taps(x.astype(jnp.bfloat16), k)
+                                     .astype(jnp.float32)))(k.astype(jnp.bfloat16))
+    assert dkb.dtype == jnp.bfloat16
+    np.testing.assert_allclose(dkb.astype(jnp.float32), jax.grad(
+        lambda k: jnp.sum(_ref(x, k)))(k), rtol=0.05, atol=0.05 * float(jnp.abs(dk).max()))
+
+
 def test_conv_same_under_vmap_and_bfloat16():
     """Seed runs vmap the step; bf16 runs compute in bf16 (the kernel gradient keeps its dtype)."""
     x, k = _normal(0, (2, 2, 5, 5, 2)), _normal(1, (2, 3, 3, 2, 4))  # [S, B, H, W, C], [S, HWIO]
@@ -81,9 +110,10 @@ def test_conv_same_under_vmap_and_bfloat16():
     assert dk.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(dk.astype(jnp.float32))))
 
 
-def test_matmul_grad_conv_has_nn_conv_params_and_outputs():
+@pytest.mark.parametrize("module", [conv.MatmulGradConv, conv.TapsConv])
+def test_matmul_grad_and_taps_convs_have_nn_conv_params_and_outputs(module):
     x = _normal(0, (2, 6, 6, 3))
-    ref, ours = nn.Conv(8, (3, 3)), conv.MatmulGradConv(8, (3, 3))
+    ref, ours = nn.Conv(8, (3, 3)), module(8, (3, 3))
 
     @jax.jit
     def both(key):
@@ -93,7 +123,10 @@ def test_matmul_grad_conv_has_nn_conv_params_and_outputs():
 
     v_ref, v_ours, y_ref, y = both(jax.random.key(1))
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), v_ref, v_ours))
-    np.testing.assert_array_equal(y, y_ref)
+    if module is conv.MatmulGradConv:
+        np.testing.assert_array_equal(y, y_ref)
+    else:  # tap sums: XLA's convolution to float rounding
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(y_ref).max()))
 
 
 def _custom_vjps(model, x) -> int:
@@ -106,10 +139,12 @@ def test_cnn_conv_auto_picks_a_lowering_per_layer_and_checks_names(monkeypatch):
     x = jnp.zeros((2, 12, 12, 1))
     cnn = models.create_model("cnn", 10).clone(pool="xla")  # conv "auto"; pool without custom_vjp
     assert jax.default_backend() == "cpu" and jax.local_device_count() == 8  # conftest's devices
-    # the narrow first layer (C = 1) is conv_same(taps=True) on CPU; the second XLA's
-    # convolution with conv_nhwc's backward
-    assert (models._auto_conv(True), models._auto_conv(False)) == ("taps", "nhwc_vjp")
+    # the narrow first layer (C = 1) is conv_taps on CPU (tap sums, Eigen's gradients);
+    # the second XLA's convolution with conv_nhwc's backward
+    assert compiler_options("cpu") is not None  # jaxtrain's CPU programs run Eigen's convs
+    assert (models._auto_conv(True), models._auto_conv(False)) == ("taps_nhwc", "nhwc_vjp")
     assert _custom_vjps(cnn, x) == 2
+    assert _custom_vjps(cnn.clone(conv="taps_nhwc"), x) == 2
     assert _custom_vjps(cnn.clone(conv="matmul_grad"), x) == 2
     assert _custom_vjps(cnn.clone(conv="nhwc_vjp"), x) == 2
     assert _custom_vjps(cnn.clone(conv="taps"), x) == 1
@@ -121,11 +156,19 @@ def test_cnn_conv_auto_picks_a_lowering_per_layer_and_checks_names(monkeypatch):
         "nhwc_vjp" if compiler_options("cpu") is not None else "matmul_grad")
     monkeypatch.setenv(compile_options.ENV, "xla")
     assert models._auto_conv(False) == "matmul_grad"
+    assert models._auto_conv(True) == "taps"  # YNNPACK's conv weight gradient lost to a dot
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert _custom_vjps(cnn, x) == 0  # cuDNN's convolutions throughout
     assert models._auto_conv(True) == "xla"
     with pytest.raises(ValueError, match="unknown conv 'fast'"):
         models.CNN(10, conv="fast").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"one per layer \(2\)"):
+        models.CNN(10, conv=("taps",)).init(jax.random.key(0), x)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    # one lowering per layer: conv_same(taps=True), then conv_nhwc's backward: two
+    # custom VJPs; XLA's plain convolution, then auto's conv_nhwc: one
+    assert _custom_vjps(cnn.clone(conv=("taps", "nhwc_vjp")), x) == 2
+    assert _custom_vjps(cnn.clone(conv=("xla", "auto")), x) == 1
 
 
 def test_cnn_training_steps_match_between_conv_lowerings():
@@ -133,7 +176,7 @@ def test_cnn_training_steps_match_between_conv_lowerings():
     x = np.abs(_normal(0, (8, 12, 12, 1)))
     y = np.arange(8, dtype=np.int32)
     losses, key = {}, jax.random.key(3)  # no dropout: the key goes unused
-    for kind in ("xla", "matmul_grad", "taps", "nhwc_vjp"):
+    for kind in ("xla", "matmul_grad", "taps", "nhwc_vjp", "taps_nhwc"):
         model = models.CNN(10, features=(8, 16), dense=32, conv=kind)
         init = functools.partial(create_train_state, model, optax.adam(1e-3))
         state = jax.jit(init, compiler_options=FAST)(jax.random.key(2), x[:1])
@@ -146,13 +189,11 @@ def test_cnn_training_steps_match_between_conv_lowerings():
     np.testing.assert_allclose(losses["matmul_grad"], losses["xla"], rtol=1e-4)
     np.testing.assert_allclose(losses["taps"], losses["xla"], rtol=1e-4)
     np.testing.assert_allclose(losses["nhwc_vjp"], losses["xla"], rtol=1e-6)
+    np.testing.assert_allclose(losses["taps_nhwc"], losses["taps"], rtol=1e-5)
     assert losses["xla"][-1] < losses["xla"][0]
 
 
 # ----------------------------------------------------------------------------- conv_nhwc
-
-NHWC = ("NHWC", "HWIO", "NHWC")
-
 
 # strides 1 and 2 (and 3x2), 'SAME', 'VALID' and explicit uneven padding, 1x1, even and
 # non-square kernels, odd input sizes: JAX's VJP rule in every case a ResNet or CNN has
