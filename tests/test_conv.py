@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -232,7 +233,6 @@ def test_conv_nhwc_passes_other_convolutions_to_lax_unchanged():
 
 def _loop_dim_labels(conv_fn) -> set[str]:
     """The convolutions' layouts after XLA:CPU optimizes 3 gradient steps in a fori_loop."""
-    import re
 
     def loss(x, k):
         return jnp.sum(jnp.sin(conv_fn(x, k, (1, 1), "SAME", dimension_numbers=NHWC)))
@@ -293,3 +293,36 @@ def test_conv_nhwc_under_vmap_is_each_seed_alone():
     for i in range(2):
         for got, want in zip((batched[0][i], batched[1][i]), jax.grad(loss, (0, 1))(xs[i], ks[i])):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_nhwc_vmap_runs_one_convolution_per_model_and_folds_shared_weights(monkeypatch):
+    """Both operands vmapped (seeds): a loop of plain convolutions, not XLA's grouped one
+    (slower on XLA:CPU); the input alone vmapped (perturbations through one model): JAX's
+    rule, one convolution over the folded batch; nested: each slice as if alone."""
+    xs, ks = _normal(1, (3, 2, 6, 6, 4)), _normal(2, (3, 3, 3, 4, 5))
+
+    def loss(x, k):
+        return jnp.sum(jnp.sin(conv.conv_nhwc(x, k, (1, 1), "SAME", dimension_numbers=NHWC)))
+
+    grads = jax.grad(loss, (0, 1))
+    # (an attack's input gradient through one model; each slice's kernel gradient would
+    # pair two vmapped activations, a loop again)
+    for per_seed, fn, k in ((True, jax.vmap(grads), ks),
+                            (False, jax.vmap(jax.grad(loss), (0, None)), ks[0])):
+        hlo = jax.jit(fn).lower(xs, k).as_text()
+        groups = {int(n) for n in re.findall(r"(?:feature|batch)_group_count = (\d+)", hlo)}
+        assert groups <= {1}, groups
+        assert ("stablehlo.while" in hlo) == per_seed
+        if not per_seed:  # the shared kernel's convolutions run on the folded batch (3 x 2)
+            assert "tensor<6x6x6x4xf32>" in hlo
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # measured on CPU only
+    hlo = jax.jit(jax.vmap(grads)).lower(xs, ks).as_text()
+    assert "stablehlo.while" not in hlo and "feature_group_count = 3" in hlo
+    monkeypatch.undo()
+    # nested: seeds (outer) x perturbed inputs (inner), values and gradients
+    xss = np.stack([xs, 2 * xs])  # [2 perturbations, 3 seeds, B, H, W, C]
+    got = jax.vmap(jax.vmap(grads), (0, None))(xss, ks)
+    for p in range(2):
+        for s in range(3):
+            for a, b in zip((got[0][p, s], got[1][p, s]), grads(xss[p, s], ks[s])):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
