@@ -1,4 +1,5 @@
-"""A stride-1 'SAME' convolution whose weight gradient is a matmul: ``models.CNN``'s conv on CPU.
+"""Convolutions lowered for XLA:CPU, ``models``' layers there: matmul weight gradients
+(``conv_same``), tap sums (``conv_taps``), Eigen-layout gradients (``conv_nhwc``).
 
 On XLA:CPU the weight gradient of a convolution (the kernel's VJP, itself a
 convolution of the input with the output cotangent) is the slowest piece of the
