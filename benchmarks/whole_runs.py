@@ -15,14 +15,24 @@ and range of those ratios over the rounds.
 Per run: the loop's steady training steps/s and wall seconds (``summary.json``),
 the process's wall seconds and peak resident memory (``wait4``), test loss and
 accuracy, and ``steps_per_call`` and ``num_devices`` as the run resolved them.
+
+``--revisions A,B`` compares code instead of flags: every variant runs under each
+git revision (a detached ``git worktree`` each, removed afterwards; ``worktree``
+is this checkout as it is, uncommitted changes included), named ``variant @ rev``,
+the first revision's first variant the baseline:
+
+    python -m benchmarks.whole_runs --experiment mnist_cnn --revisions HEAD~1,worktree \
+        --args "--dataset synthetic --epochs 1 --num-seeds 4" --variants "default="
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,14 +68,19 @@ def run_command(experiment: str, argv: list[str], workdir: str) -> list[str]:
     return cmd
 
 
-def run_once(experiment: str, argv: list[str]) -> dict[str, Any]:
-    """One whole run in a fresh process; its summary figures, wall and peak memory."""
+def run_once(experiment: str, argv: list[str], tree: str | None = None) -> dict[str, Any]:
+    """One whole run in a fresh process; its summary figures, wall and peak memory.
+    ``tree``: a source tree to run from (its ``experiments`` and ``jaxtrain``)."""
+    env = None
+    if tree:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [tree, *filter(None, [os.environ.get("PYTHONPATH")])])}
     with tempfile.TemporaryDirectory() as root:
         workdir = os.path.join(root, "run")
         cmd = run_command(experiment, argv, workdir)
         with open(os.path.join(root, "output.txt"), "w+") as log:
             t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tree, env=env)
             _, status, usage = os.wait4(proc.pid, 0)
             process_s = time.perf_counter() - t0
             proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4, for its rusage
@@ -128,6 +143,53 @@ def _range(values: list[float | None]) -> str:
     return f"{min(known):.2f}-{max(known):.2f}" if known else "-"
 
 
+WORKTREE = "worktree"  # --revisions: this checkout as it is
+
+
+def _git(*argv: str) -> str:
+    out = subprocess.run(["git", "-C", common.REPO_ROOT, *argv], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        raise ValueError(out.stderr.strip().splitlines()[-1] if out.stderr.strip()
+                         else f"git {' '.join(argv)} failed")
+    return out.stdout.strip()
+
+
+def resolve_revisions(text: str) -> dict[str, str]:
+    """``"A,B"`` -> ``{rev: commit}`` (``worktree``: itself); ValueError naming a bad one."""
+    revs = [r.strip() for r in text.split(",") if r.strip()]
+    if len(revs) < 2 or len(set(revs)) != len(revs):
+        raise ValueError(f"--revisions needs two or more distinct revisions, got {revs}")
+    out = {}
+    for rev in revs:
+        try:
+            out[rev] = rev if rev == WORKTREE else _git("rev-parse", "--verify", f"{rev}^{{commit}}")
+        except ValueError:
+            raise ValueError(f"--revisions: {rev!r} is not a commit of this repository") from None
+    return out
+
+
+@contextlib.contextmanager
+def checkouts(revisions: dict[str, str]):
+    """``{rev: source tree}``: a detached worktree per commit, removed on exit."""
+    root = tempfile.mkdtemp(prefix="whole_runs_")
+    trees: dict[str, str] = {}
+    try:
+        for i, (rev, commit) in enumerate(revisions.items()):
+            if commit == WORKTREE:
+                trees[rev] = common.REPO_ROOT
+                continue
+            path = os.path.join(root, str(i))
+            _git("worktree", "add", "--detach", path, commit)
+            trees[rev] = path
+        yield trees
+    finally:
+        for rev, path in trees.items():
+            if path != common.REPO_ROOT:
+                _git("worktree", "remove", "--force", path)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def parse_args(argv):
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--experiment", default="digits_mlp",
@@ -137,6 +199,9 @@ def parse_args(argv):
                    help="NAME=ARGS;NAME=ARGS: each variant's own arguments; the first is the "
                         "baseline of the ratios (default: 'auto=;single=--steps-per-call 1')")
     p.add_argument("--rounds", type=int, default=3, help="runs per variant, alternated")
+    p.add_argument("--revisions", default="",
+                   help="REV,REV: run every variant under each git revision ('worktree': "
+                        "this checkout with its changes); the first is the baseline")
     args = p.parse_args(argv)
     if importlib.util.find_spec(f"experiments.{args.experiment}") is None:
         p.error(f"--experiment: no module experiments.{args.experiment}")
@@ -146,6 +211,12 @@ def parse_args(argv):
         p.error(str(e))
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
+    args.revision_commits = {}
+    if args.revisions:
+        try:
+            args.revision_commits = resolve_revisions(args.revisions)
+        except ValueError as e:
+            p.error(str(e))
     if args.smoke:
         args.experiment, args.args, args.rounds = "digits_mlp", "--epochs 2 --parallel none", 1
     return args
@@ -154,18 +225,11 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     info = common.machine_info(args.note)
-    shared = shlex.split(args.args)
-    names = [n for n, _ in args.variant_list]
-    runs = []
-    for rnd in range(args.rounds):
-        for name, own in args.variant_list:
-            print(f"... round {rnd + 1}/{args.rounds}: {name}", flush=True)
-            try:
-                result = run_once(args.experiment, shared + own)
-            except common.BenchmarkError as e:
-                print(f"error: variant '{name}': {e}", file=sys.stderr)
-                return 1
-            runs.append({"round": rnd, "variant": name, "args": shared + own, **result})
+    with checkouts(args.revision_commits) as trees:
+        runs = run_rounds(args, trees)
+    if runs is None:
+        return 1
+    names = list(dict.fromkeys(r["variant"] for r in runs))
     summary = summarize(runs, names)
     common.print_table(
         f"experiments.{args.experiment} {args.args}: whole runs, {args.rounds} round(s), "
@@ -180,8 +244,30 @@ def main(argv=None) -> int:
           ",".join(f"{x:.6g}" for x in s["test_loss"])] for s in summary])
     common.write_results("whole_runs", args, info, {
         "experiment": args.experiment, "args": args.args, "variants": args.variants,
-        "rounds": args.rounds, "runs": runs, "summary": summary})
+        "revisions": args.revision_commits, "rounds": args.rounds, "runs": runs,
+        "summary": summary})
     return 0
+
+
+def run_rounds(args, trees: dict[str, str]) -> list[dict[str, Any]] | None:
+    """Every variant (under every revision of ``trees``, when given) once a round, in
+    order; None after printing the error of a failed run."""
+    shared = shlex.split(args.args)
+    plan = [(name, own, None) for name, own in args.variant_list]
+    if trees:
+        plan = [(f"{name} @ {rev}", own, tree) for rev, tree in trees.items()
+                for name, own in args.variant_list]
+    runs = []
+    for rnd in range(args.rounds):
+        for name, own, tree in plan:
+            print(f"... round {rnd + 1}/{args.rounds}: {name}", flush=True)
+            try:
+                result = run_once(args.experiment, shared + own, tree)
+            except common.BenchmarkError as e:
+                print(f"error: variant '{name}': {e}", file=sys.stderr)
+                return None
+            runs.append({"round": rnd, "variant": name, "args": shared + own, **result})
+    return runs
 
 
 if __name__ == "__main__":

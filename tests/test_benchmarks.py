@@ -440,6 +440,34 @@ def test_whole_runs_reports_a_failed_run_in_one_error(capsys):
     assert "error: variant 'auto'" in err and "--epochs must be > 0, got -1" in err
 
 
+def test_whole_runs_revisions_are_checked_and_checked_out(capsys, monkeypatch):
+    head = whole_runs._git("rev-parse", "HEAD")
+    assert whole_runs.resolve_revisions("HEAD, worktree") == {"HEAD": head, "worktree": "worktree"}
+    for bad, message in [("HEAD", "two or more distinct"), ("HEAD,HEAD", "two or more distinct"),
+                         ("HEAD,no-such-rev", "'no-such-rev' is not a commit")]:
+        with pytest.raises(ValueError, match=message):
+            whole_runs.resolve_revisions(bad)
+    with pytest.raises(SystemExit):
+        whole_runs.parse_args(["--revisions", "HEAD,no-such-rev"])
+    assert "is not a commit of this repository" in capsys.readouterr().err
+    # each variant under each revision, alternated, from its own tree; the worktree removed
+    calls = []
+    monkeypatch.setattr(whole_runs, "run_once",
+                        lambda exp, argv, tree=None: calls.append((argv, tree)) or {"x": 1})
+    args = whole_runs.parse_args(["--revisions", "HEAD,worktree", "--rounds", "2",
+                                  "--variants", "a=;b=--epochs 1"])
+    with whole_runs.checkouts(args.revision_commits) as trees:
+        assert trees["worktree"] == common.REPO_ROOT and trees["HEAD"] != common.REPO_ROOT
+        assert os.path.isfile(os.path.join(trees["HEAD"], "jaxtrain", "__init__.py"))
+        runs = whole_runs.run_rounds(args, trees)
+    assert not os.path.exists(trees["HEAD"])
+    assert [r["variant"] for r in runs] == ["a @ HEAD", "b @ HEAD", "a @ worktree",
+                                            "b @ worktree"] * 2
+    assert [tree for _, tree in calls] == [trees["HEAD"]] * 2 + [common.REPO_ROOT] * 2 + \
+        [trees["HEAD"]] * 2 + [common.REPO_ROOT] * 2
+    assert calls[1][0][-2:] == ["--epochs", "1"]
+
+
 # ----------------------------------------------------------------------------- conv_loops
 
 
@@ -504,6 +532,16 @@ def test_whole_runs_main(tmp_path):
     assert all(r["steps"] == 40 and r["peak_rss_bytes"] > 0 and r["process_s"] > r["wall_s"]
                for r in doc["runs"])
     assert doc["summary"][1]["steps_per_s_vs_first_median"] > 0
+
+
+@pytest.mark.slow
+def test_whole_runs_main_compares_revisions(tmp_path):
+    doc = _bench("benchmarks.whole_runs", "--revisions", "HEAD,worktree", "--variants", "auto=",
+                 tmp_path=tmp_path)
+    head, here = doc["runs"]
+    assert (head["variant"], here["variant"]) == ("auto @ HEAD", "auto @ worktree")
+    assert doc["revisions"]["worktree"] == "worktree" and len(doc["revisions"]["HEAD"]) == 40
+    assert all(r["steps"] == 40 for r in doc["runs"])
 
 
 @pytest.mark.slow
