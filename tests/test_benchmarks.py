@@ -218,6 +218,19 @@ def test_host_and_device_placement_train_identically(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- PyTorch peer's default CNN variant
 
 
+def test_torch_peer_cnn_variants_name_registered_models_that_build(monkeypatch):
+    """Every variant's model exists once the benchmark registers its own, and the old
+    default (``cnn_taps_mm``) lowers its two layers as named."""
+    from jaxtrain import models
+
+    monkeypatch.setattr(models, "MODELS", dict(models.MODELS))  # others' tests see the four
+    torch_peer.register_benchmark_models()
+    names = {case.get("model", "cnn") for case, _ in torch_peer.CNN_VARIANTS.values()}
+    assert names <= set(models.MODELS), names - set(models.MODELS)
+    old = models.MODELS["cnn_taps_mm"](num_classes=10)
+    assert old.conv == ("taps", "nhwc_vjp")
+
+
 def test_torch_peer_default_cnn_variant_is_what_auto_cpu_devices_picks(monkeypatch):
     """The loop's default for mnist_cnn on CPU: the devices ``resolve_cpu_devices`` makes
     (one: auto splits only seed runs, tests/test_cpu_devices.py), its steps fused (K=29
