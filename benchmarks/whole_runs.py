@@ -183,11 +183,14 @@ def checkouts(revisions: dict[str, str]):
             _git("worktree", "add", "--detach", path, commit)
             trees[rev] = path
         yield trees
-    finally:
-        for rev, path in trees.items():
+    finally:  # best effort: a failed removal must not hide the run's own error
+        for path in trees.values():
             if path != common.REPO_ROOT:
-                _git("worktree", "remove", "--force", path)
+                with contextlib.suppress(ValueError):
+                    _git("worktree", "remove", "--force", path)
         shutil.rmtree(root, ignore_errors=True)
+        with contextlib.suppress(ValueError):
+            _git("worktree", "prune")
 
 
 def parse_args(argv):
