@@ -282,6 +282,15 @@ def nn_conv_params(module: nn.Module, in_features: int) -> tuple[jnp.ndarray, jn
     return kernel, bias
 
 
+def _with_bias(module: nn.Module, x_BHWC: jnp.ndarray,
+               conv: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]) -> jnp.ndarray:
+    """``conv(x, kernel) + bias`` in ``module.dtype`` on ``nn.Conv``'s parameters
+    (``nn_conv_params``): the body of this module's ``nn.Conv`` stand-ins."""
+    kernel, bias = nn_conv_params(module, x_BHWC.shape[-1])
+    y = conv(x_BHWC.astype(module.dtype), kernel.astype(module.dtype))
+    return y + bias.astype(module.dtype).reshape((1, 1, 1, -1))
+
+
 def is_narrow(kernel_size: tuple[int, int], in_features: int) -> bool:
     """Whether ``kh * kw * C`` is small enough for one im2col dot in the weight gradient
     and for ``conv_same(taps=True)``'s forward (an image's first convolution)."""
@@ -301,9 +310,7 @@ class MatmulGradConv(nn.Module):
 
     @nn.compact
     def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
-        kernel, bias = nn_conv_params(self, x_BHWC.shape[-1])
-        y = conv_same(x_BHWC.astype(self.dtype), kernel.astype(self.dtype), self.taps)
-        return y + bias.astype(self.dtype).reshape((1, 1, 1, -1))
+        return _with_bias(self, x_BHWC, functools.partial(conv_same, taps=self.taps))
 
 
 class TapsConv(nn.Module):
@@ -317,6 +324,4 @@ class TapsConv(nn.Module):
 
     @nn.compact
     def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
-        kernel, bias = nn_conv_params(self, x_BHWC.shape[-1])
-        y = conv_taps(x_BHWC.astype(self.dtype), kernel.astype(self.dtype))
-        return y + bias.astype(self.dtype).reshape((1, 1, 1, -1))
+        return _with_bias(self, x_BHWC, conv_taps)

@@ -126,9 +126,11 @@ def _to_host(tree: PyTree) -> PyTree:
 # 64 images 25.2 against 28.0 s, 128 images 35.1 against 32.5 s, 512 images 90.3 against
 # 57.0 s; MNIST-shape CNN 256 images 25.8 against 25.2 s, 1024 images 61.4 against 42.7
 # s; ResNet-18 on 8 CIFAR-shape images 26.8 against 31.5 s, 32 images 46.5 against 47.5
-# s, 64 images 71.6 against 71.9 s. Hence on CPU only for splits of at most
-# FAST_COMPILE_MAX_VALUES values (N x H x W x C; digits: 23 000, 64 CIFAR images
-# 197 000, CIFAR-10: 31 million).
+# s, 64 images 71.6 against 71.9 s; at ImageNet size (224x224x3, another CPU) a CNN on 1
+# image 15.8 against 16.1 s, 4 images 46.7 against 30.6 s, ResNet-18 on 1 image 52.0
+# against 46.5 s (the rule's one miss measured), 2 images 79.8 against 78.2 s. Hence on
+# CPU only for splits of at most FAST_COMPILE_MAX_VALUES values (N x H x W x C; digits:
+# 23 000, 64 CIFAR images 197 000, CIFAR-10: 31 million).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 FAST_COMPILE_MAX_VALUES = 2**18
 
